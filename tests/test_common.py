@@ -1,0 +1,173 @@
+import json
+import random
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+
+import common
+
+PROMPTS = ["Say hello.", "What is 2 + 2? Answer briefly.", "Name a fruit.", "Describe a kitchen in one sentence."]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return common.load_model("tiny")
+
+
+def _ids(tok, texts):
+    return [common.chat_ids(tok, [{"role": "user", "content": t}]) for t in texts]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampler_logprobs_match_a_fresh_forward_pass(tiny, temperature):
+    model, tok = tiny
+    gen = torch.Generator().manual_seed(0)
+    samples = common.generate(model, tok, _ids(tok, PROMPTS), max_new_tokens=12, temperature=temperature,
+                              generator=gen)
+    again = common.sequence_logprobs(model, [s.prompt_ids for s in samples], [s.response_ids for s in samples],
+                                     temperature=temperature, pad_id=tok.pad_token_id)
+    for s, lp in zip(samples, again):
+        assert len(s.response_ids) == len(s.logprobs) == len(lp) > 0
+        assert max(s.logprobs) <= 0
+        torch.testing.assert_close(torch.tensor(s.logprobs), lp, atol=1e-4, rtol=0)
+
+
+def test_top_p_logprobs_are_of_the_truncated_distribution():
+    logits = torch.tensor([[3.0, 2.0, 0.0, -1.0]])
+    lp = common._sampling_logprobs(logits, temperature=1.0, top_p=0.8)
+    p = torch.softmax(logits[0], -1)
+    assert p[0] < 0.8 < p[0] + p[1]  # so the nucleus is exactly tokens {0, 1}
+    torch.testing.assert_close(lp[0, :2].exp(), p[:2] / p[:2].sum())
+    assert torch.isinf(lp[0, 2:]).all()
+
+
+def test_left_padded_batch_greedy_equals_one_by_one(tiny):
+    model, tok = tiny
+    prompts = _ids(tok, PROMPTS)
+    batched = common.generate(model, tok, prompts, max_new_tokens=10, temperature=0.0, batch_size=4)
+    for p, b in zip(prompts, batched):
+        single = common.generate(model, tok, [p], max_new_tokens=10, temperature=0.0)[0]
+        assert single.response_ids == b.response_ids
+        assert b.prompt_ids == p
+
+
+def test_sampling_is_reproducible_by_generator(tiny):
+    model, tok = tiny
+    run = lambda: [s.response_ids for s in common.generate(  # noqa: E731
+        model, tok, _ids(tok, PROMPTS), max_new_tokens=8, generator=torch.Generator().manual_seed(3))]
+    assert run() == run()
+
+
+def test_tiny_is_deterministic_and_small():
+    (a, _), (b, _) = common.load_model("tiny"), common.load_model("tiny")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert sum(p.numel() for p in a.parameters()) < 1_000_000
+
+
+def test_unknown_model_error_lists_accepted_names():
+    with pytest.raises(ValueError, match="accepted: tiny, smollm2-135m"):
+        common.load_model("no-such-model")
+
+
+def test_checkpoint_round_trips_bit_exactly_and_resumes_rng(tiny, tmp_path):
+    model, tok = tiny
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    ids = torch.tensor([_ids(tok, PROMPTS[:1])[0]])
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step(), sched.step()
+    common.seed_everything(7)
+    path = common.save_checkpoint(tmp_path / "ckpt", 5, model, tok, opt, sched, extra={"data_pos": 12})
+    expected_draws = (random.random(), np.random.rand(), torch.rand(3))
+    assert common.latest_checkpoint(tmp_path / "ckpt") == path
+
+    fresh, _ = common.load_model("tiny")
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)
+    opt2 = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0 / (1 + s))
+    state = common.load_checkpoint(path, fresh, opt2, sched2)
+    assert state == {"step": 5, "extra": {"data_pos": 12}}
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert sched2.state_dict()["last_epoch"] == 1
+    for ga, gb in zip(opt.state_dict()["state"].values(), opt2.state_dict()["state"].values()):
+        assert all(torch.equal(ga[k], gb[k]) for k in ga)
+    draws = (random.random(), np.random.rand(), torch.rand(3))
+    assert draws[:2] == expected_draws[:2] and torch.equal(draws[2], expected_draws[2])
+    # the saved model directory is also a plain model for load_model
+    loaded, _ = common.load_model(str(path))
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_checkpoints_keep_only_the_newest(tiny, tmp_path):
+    model, tok = tiny
+    for step in (1, 2, 3):
+        common.save_checkpoint(tmp_path, step, model, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000002", "step_000003"]
+    assert common.latest_checkpoint(tmp_path).name == "step_000003"
+
+
+@dataclass
+class Settings:
+    """a test script"""
+    model: str = "tiny"
+    lr: float = 1e-6
+    steps: int = 10
+    gradient_checkpointing: bool = False
+    resume: str | None = None
+    task: str = field(default="wm", metadata={"choices": ("wm", "policy")})
+
+
+def test_settings_flags_config_and_errors(tmp_path, capsys):
+    s = common.parse_settings(Settings, ["--lr", "3e-4", "--gradient-checkpointing", "--resume", "none"])
+    assert (s.lr, s.gradient_checkpointing, s.resume, s.steps) == (3e-4, True, None, 10)
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"steps": 99, "lr": 0.5}))
+    s = common.parse_settings(Settings, ["--config", str(cfg), "--lr", "0.1"])
+    assert (s.steps, s.lr) == (99, 0.1)
+    common.save_config(s, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["steps"] == 99
+
+    for argv, needle in [(["--lrr", "1"], "--lrr"), (["--steps", "ten"], "--steps"),
+                         (["--task", "x"], "--task"), (["--st", "3"], "--st")]:
+        with pytest.raises(SystemExit):
+            common.parse_settings(Settings, argv)
+        assert needle in capsys.readouterr().err
+    cfg.write_text(json.dumps({"stepz": 1}))
+    with pytest.raises(SystemExit):
+        common.parse_settings(Settings, ["--config", str(cfg)])
+    assert "unknown setting 'stepz'" in capsys.readouterr().err
+
+
+def test_read_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"id": 1}\n{"id": 2\n')
+    with pytest.raises(common.DataError, match=r"t\.jsonl:2: not valid JSON"):
+        common.read_jsonl(path)
+    path.write_text('{"id": 1}\n\n{"x": 2}\n')
+    with pytest.raises(common.DataError, match=r"t\.jsonl:3: missing key\(s\) \['id'\]"):
+        common.read_jsonl(path, required=("id",))
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        common.read_jsonl(tmp_path / "nope.jsonl")
+
+
+def test_append_jsonl_survives_a_torn_last_line(tmp_path):
+    path = tmp_path / "e.jsonl"
+    common.append_jsonl(path, [{"a": 1}, {"a": float("nan")}])
+    with open(path, "a") as f:
+        f.write('{"a": 3')  # a run killed mid-write
+    assert common.read_jsonl_resumable(path) == [{"a": 1}, {"a": None}]
+    common.append_jsonl(path, [{"a": 4}])
+    assert [r["a"] for r in common.read_jsonl(path)] == [1, None, 4]
+
+
+@pytest.mark.slow
+def test_smollm2_loads_offline_and_answers():
+    model, tok = common.load_model("smollm2-135m")
+    ids = common.chat_ids(tok, [{"role": "user", "content": "What is the capital of France?"}])
+    out = common.generate(model, tok, [ids], max_new_tokens=16, temperature=0.0)[0]
+    assert out.finished and "Paris" in out.text
