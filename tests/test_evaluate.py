@@ -1,0 +1,311 @@
+"""evaluate.py: the statistics on hand-computed cases, then each --what end to end with the tiny model."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import common
+import evaluate
+from common import Sample, read_jsonl, write_jsonl
+from evaluate import agent_stats, inefficient_steps, weight_change, wilson_interval
+from prompts import wm_sft_target
+
+# ----------------------------------------------------------------------------------------------------------
+# Wilson interval: published values (Newcombe 1998, Stat. Med. 17:857, Table II, method 3)
+
+
+@pytest.mark.parametrize("k, n, lo, hi", [(81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605),
+                                          (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718)])
+def test_wilson_interval_matches_published_values(k, n, lo, hi):
+    got = wilson_interval(k, n)
+    assert got == pytest.approx((lo, hi), abs=1e-4)
+
+
+def test_wilson_interval_edges():
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = wilson_interval(10, 10)
+    assert hi == pytest.approx(1.0) and 0.69 < lo < 0.73  # all wins: upper bound 1, lower well below
+    assert wilson_interval(5, 10)[0] == pytest.approx(1 - wilson_interval(5, 10)[1])  # symmetric at p = 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Inefficient actions and the per-episode statistics
+
+def step(action, next_obs, valid=True):
+    return {"obs": "", "action": action, "response": "", "valid": valid, "next_obs": next_obs, "reward": 0.0,
+            "done": False}
+
+
+CRAFTED = [  # (step, inefficient?)
+    (step("look", "You are in the middle of a room."), False),              # first look
+    (step("go to desk 1", "You arrive at desk 1. On the desk 1, you see a pen 1."), False),
+    (step("examine desk 1", "On the desk 1, you see a pen 1."), False),     # first examine of desk 1
+    (step("examine desk 1", "On the desk 1, you see a pen 1."), True),      # same question, same answer
+    (step("take pen 1 from desk 1", "You pick up the pen 1 from the desk 1."), False),
+    (step("examine desk 1", "On the desk 1, you see nothing."), False),     # the answer changed: informative
+    (step("inventory", "You are carrying: a pen 1."), False),
+    (step("inventory", "You are carrying: a pen 1."), True),
+    (step("look around the room", "Nothing happens.", valid=False), False),  # invalid: counted as invalid only
+    (step("look", "You are facing the desk 1."), False),                    # differs from the first look
+    (step("look", "You are facing the desk 1."), True),
+    (step("Examine Desk 1 ", "On the desk 1, you see nothing."), True),     # same action up to case/spaces
+]
+
+
+def test_inefficient_steps_on_a_crafted_episode():
+    assert inefficient_steps([s for s, _ in CRAFTED]) == [flag for _, flag in CRAFTED]
+
+
+def test_agent_stats_pool_steps_over_episodes():
+    won = {"success": True, "steps": [s for s, _ in CRAFTED], "task_type": "a"}       # 12 steps, 1 invalid, 4 inefficient
+    lost = {"success": False, "steps": [step("go to x", "Nothing happens.", valid=False)] * 3 +
+            [step("inventory", "You carry nothing.")] * 5, "task_type": "b"}            # 8 steps, 3 invalid, 4 inefficient
+    stats = agent_stats([won, lost])
+    assert stats["n_episodes"] == 2 and stats["n_success"] == 1 and stats["success"] == 0.5
+    assert stats["success_ci95"] == pytest.approx(list(wilson_interval(1, 2)))
+    assert stats["mean_steps"] == 10 and stats["n_steps"] == 20
+    assert stats["invalid_rate"] == pytest.approx(4 / 20)
+    assert stats["inefficient_rate"] == pytest.approx(8 / 20)
+    assert stats["invalid_or_inefficient_rate"] == pytest.approx(12 / 20)
+    by_type = evaluate.agent_results([won, lost])["by_task_type"]
+    assert by_type["a"]["success"] == 1.0 and by_type["b"]["inefficient_rate"] == pytest.approx(4 / 8)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weight change: |ŵ − w| > η·max(|w|, |ŵ|), η = 1e-3, counted by hand below
+
+BASE = {
+    "model.layers.0.self_attn.q_proj.weight": torch.tensor([[1.0, -2.0], [0.5, 0.0]]),
+    "model.layers.0.mlp.down_proj.weight": torch.tensor([1.0, 1.0, 1.0, 1.0]),
+    "model.layers.1.self_attn.q_proj.weight": torch.tensor([4.0, 4.0]),
+    "model.layers.1.input_layernorm.weight": torch.tensor([1.0, 1.0]),
+    "model.embed_tokens.weight": torch.tensor([[1.0, 1.0]]),
+    "lm_head.weight": torch.tensor([[1.0, 1.0]]),  # tied: saved in one file only
+}
+TUNED = {
+    # 1.01: |d| .01 > .00101 changed; -2 same; 0.5001: 1e-4 < 5.001e-4 kept; 0 -> 1e-6: 1e-6 > 1e-9 changed => 2/4
+    "model.layers.0.self_attn.q_proj.weight": torch.tensor([[1.01, -2.0], [0.5001, 1e-6]]),
+    # same; 5e-4 < 1.0005e-3 kept; 2e-3 > 1e-3 changed; sign flip changed => 2/4
+    "model.layers.0.mlp.down_proj.weight": torch.tensor([1.0, 1.0005, 0.998, -1.0]),
+    # 3e-3 < 4.003e-3 kept => 0/2
+    "model.layers.1.self_attn.q_proj.weight": torch.tensor([4.0, 4.003]),
+    "model.layers.1.input_layernorm.weight": torch.tensor([1.0, 1.0]),  # 0/2
+    "model.embed_tokens.weight": torch.tensor([[1.0, 2.0]]),  # 1/2
+    "model.new_head.bias": torch.tensor([0.0]),
+}
+EXPECTED = {"overall": 5 / 14, "n_params": 14, "n_changed": 5, "by_layer": {"0": 4 / 8, "1": 0 / 4},
+            "by_module": {"q_proj": 2 / 6, "down_proj": 2 / 4, "other": 1 / 4},
+            "only_in_base": ["lm_head.weight"], "only_in_tuned": ["model.new_head.bias"]}
+
+
+def test_weight_change_exact_on_crafted_weights():
+    got = weight_change(BASE, TUNED, eta=1e-3)
+    assert {k: got[k] for k in EXPECTED} == EXPECTED
+
+
+def test_weight_change_threshold_is_relative():
+    # η = 0.1: only the zero that became 1e-6 (and the sign flip, and 1 -> 2) still count
+    got = weight_change(BASE, TUNED, eta=0.1)
+    assert got["n_changed"] == 3
+    with pytest.raises(ValueError, match="shape"):
+        weight_change(BASE, {"model.embed_tokens.weight": torch.zeros(3)})
+
+
+def test_weights_cli_streams_safetensors_dirs(tmp_path):
+    for name, weights in (("base", BASE), ("tuned", TUNED)):
+        (tmp_path / name).mkdir()
+        save_file(weights, tmp_path / name / "model.safetensors")
+    out = tmp_path / "eval"
+    evaluate.main(["--what", "weights", "--model", str(tmp_path / "tuned"), "--base", str(tmp_path / "base"),
+                   "--out-dir", str(out)])
+    got = json.loads((out / "results.json").read_text())
+    assert {k: got[k] for k in EXPECTED} == EXPECTED and got["what"] == "weights"
+
+
+def test_weights_of_a_saved_checkpoint_against_the_named_base(tmp_path):
+    # the pipeline's case: base by name (loaded), checkpoint dir from common.save_checkpoint (streamed)
+    model, tok = common.load_model("tiny")
+    q = model.model.layers[1].self_attn.q_proj.weight
+    with torch.no_grad():
+        q.mul_(1.1)  # every entry moves by 10% of itself: all changed (random init has no exact zeros)
+    ckpt = common.save_checkpoint(tmp_path / "ckpt", 1, model, tok)
+    out = tmp_path / "eval"
+    got = evaluate.main(["--what", "weights", "--model", str(ckpt), "--base", "tiny", "--out-dir", str(out)])
+    layer1 = sum(p.numel() for p in model.model.layers[1].parameters())
+    n_params = sum(p.numel() for p in model.parameters())  # tied lm_head counted once, as a parameter
+    assert got["only_in_base"] == ["lm_head.weight"] and got["only_in_tuned"] == []
+    assert got["n_params"] == n_params and got["n_changed"] == q.numel()
+    assert got["by_layer"] == {"0": 0.0, "1": q.numel() / layer1}
+    assert got["by_module"]["q_proj"] == 0.5 and got["by_module"]["k_proj"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# World-model evaluation
+
+TRIPLES = [
+    {"id": f"t{i}", "env": env, "task_id": "g", "instruction": "put a pen in the drawer.", "history": [],
+     "state": "You arrive at desk 1.", "action": action, "next_state": truth, "next_kind": kind, "meta": {}}
+    for i, (env, action, truth, kind) in enumerate([
+        ("alfworld", "open drawer 1", "You open the drawer 1. The drawer 1 is open. In it, you see a key 2.", "obs"),
+        ("alfworld", "take pen 1 from desk 1", "You pick up the pen 1 from the desk 1.", "obs"),
+        ("twx", "look around", "You are in the kitchen. In one part of the room you see a fridge.", "obs"),
+        ("tau2", "What is your order id?", "My order id is #W123 and I want to return it.", "user"),
+    ])]
+
+
+@pytest.fixture
+def triples_file(tmp_path):
+    path = tmp_path / "triples_val.jsonl"
+    write_jsonl(path, TRIPLES)
+    return path
+
+
+def test_wm_eval_with_the_tiny_model(tmp_path, triples_file):
+    out = tmp_path / "wm"
+    evaluate.main(["--what", "wm", "--model", "tiny", "--triples", str(triples_file), "--max-new-tokens", "8",
+                   "--out-dir", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    preds = read_jsonl(out / "predictions.jsonl")
+    assert [p["id"] for p in preds] == [t["id"] for t in TRIPLES]
+    assert res["n"] == 4 and res["accuracy"] == pytest.approx(sum(p["reward"] for p in preds) / 4)
+    assert res["by_env"]["alfworld"]["n"] == 2 and res["by_next_kind"]["user"]["n"] == 1
+    assert res["missing_rate"] == 1.0  # 8 random tokens never close a <next_state> block
+
+
+def test_wm_accuracy_by_env_and_kind(tmp_path, triples_file, monkeypatch):
+    # an oracle that answers the truth on triples 0 and 3 and an unrelated observation elsewhere
+    def oracle(model, tok, prompts, *args, **kw):
+        texts = [wm_sft_target(t["next_state"]) if i in (0, 3) else wm_sft_target("Nothing happens.")
+                 for i, t in enumerate(TRIPLES)]
+        return [Sample(p, [1], text, [0.0], True) for p, text in zip(prompts, texts)]
+    monkeypatch.setattr(evaluate, "generate", oracle)
+    out = tmp_path / "wm"
+    evaluate.main(["--what", "wm", "--model", "tiny", "--triples", str(triples_file), "--out-dir", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert res["accuracy"] == 0.5 and res["missing_rate"] == 0.0
+    assert res["by_env"]["alfworld"]["accuracy"] == 0.5 and res["by_env"]["twx"]["accuracy"] == 0.0
+    assert res["by_next_kind"] == {"obs": {"n": 3, "accuracy": pytest.approx(1 / 3), "missing_rate": 0.0},
+                                   "user": {"n": 1, "accuracy": 1.0, "missing_rate": 0.0}}
+
+
+def test_wm_eval_names_a_bad_triples_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(TRIPLES[0]) + "\n" + json.dumps({"id": "x"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing key"):
+        evaluate.main(["--what", "wm", "--model", "tiny", "--triples", str(path), "--out-dir", str(tmp_path / "o")])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Report
+
+def agent_result(env, split, wins, n, invalid=0.25, by_task_type=()):
+    def stats(wins, n):
+        return {"n_episodes": n, "n_success": wins, "success": wins / n, "success_ci95": list(wilson_interval(wins, n)),
+                "mean_steps": 12.5, "n_steps": 10 * n, "invalid_rate": invalid, "inefficient_rate": 0.1,
+                "invalid_or_inefficient_rate": 0.35, "n_errors": 0}
+    return {"what": "agent", "model": "m", "env": env, "split": split, **stats(wins, n),
+            "by_task_type": {t: stats(w, k) for t, w, k in by_task_type}}
+
+
+def write_results(path, results):
+    path.mkdir(parents=True)
+    (path / "results.json").write_text(json.dumps(results))
+
+
+def test_report_writes_tables_and_plots(tmp_path):
+    runs = tmp_path / "eval"
+    write_results(runs / "base" / "seen", agent_result("alfworld", "valid_seen", 1, 10,
+                                                       by_task_type=[("heat", 1, 4), ("cool", 0, 6)]))
+    write_results(runs / "base" / "unseen", agent_result("alfworld", "valid_unseen", 0, 5,
+                                                         by_task_type=[("heat", 0, 5)]))
+    write_results(runs / "rwml" / "seen", agent_result("alfworld", "valid_seen", 6, 10, invalid=0.5))
+    write_results(runs / "rwml" / "unseen", agent_result("alfworld", "valid_unseen", 3, 5))
+    write_results(runs / "rwml" / "wm", {"what": "wm", "model": "m", "triples": "x/triples_val.jsonl", "n": 4,
+                                          "accuracy": 0.5, "missing_rate": 0.0,
+                                          "by_env": {"alfworld": {"n": 4, "accuracy": 0.5, "missing_rate": 0.0}},
+                                          "by_next_kind": {"obs": {"n": 4, "accuracy": 0.5, "missing_rate": 0.0}}})
+    write_results(runs / "rwml" / "weights", {"what": "weights", "model": "m", "base": "b",
+                                               **weight_change(BASE, TUNED)})
+    train = tmp_path / "train_rwml"
+    train.mkdir()
+    write_jsonl(train / "metrics.jsonl", [{"step": i, "time": 1.0, "reward_mean": i / 10, "kl": 0.01 * i,
+                                           "phase": "train"} for i in range(5)] + [{"step": 4, "heldout_acc": 0.3}])
+    out = tmp_path / "report"
+    text = evaluate.main(["--what", "report", "--runs", f"base={runs / 'base'},rwml={runs / 'rwml'}",
+                          "--curves", f"rwml={train}", "--out-dir", str(out)])
+    assert (out / "report.md").read_text() == text
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("| run | alfworld valid_seen"))
+    assert header.endswith("| alfworld avg |")
+    base_row = next(line for line in lines if line.startswith("| base |"))
+    rwml_row = next(line for line in lines if line.startswith("| rwml |"))
+    assert "| 10.0 [" in base_row and base_row.endswith("| 6.7 |")   # pooled: 1 / 15
+    assert "| 60.0 [" in rwml_row and rwml_row.endswith("| 60.0 |")  # pooled: 9 / 15
+    assert "| rwml | 50.0 / 10.0 / 12.5 |" in text  # invalid / inefficient / mean steps
+    assert "| run | alfworld cool | alfworld heat |" in text
+    assert "| base | 0.0 (n=6) | 11.1 (n=9) |" in text and "| rwml | – | – |" in text  # heat pooled: 1 / 9
+    assert "| rwml | triples_val.jsonl | 4 | 50.0 |" in text
+    assert "| rwml | b | 35.71 | 33.33 | 50.00 | 25.00 |" in text  # 5/14 overall; q, down, other
+    for png in ("curves.png", "weight_change.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 5000
+        assert f"({png})" in text
+
+
+def test_report_names_bad_input(tmp_path):
+    with pytest.raises(SystemExit, match="--runs: expected name=path"):
+        evaluate.main(["--what", "report", "--runs", "justadir", "--out-dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no results.json under"):
+        evaluate.main(["--what", "report", "--runs", f"x={tmp_path / 'empty'}", "--out-dir", str(tmp_path)])
+    write_results(tmp_path / "run" / "greedy", agent_result("alfworld", "valid_seen", 1, 10))
+    write_results(tmp_path / "run" / "sampled", agent_result("alfworld", "valid_seen", 2, 10))
+    with pytest.raises(SystemExit, match="both hold alfworld valid_seen agent results"):
+        evaluate.main(["--what", "report", "--runs", f"x={tmp_path / 'run'}", "--out-dir", str(tmp_path / "r")])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Agent evaluation on fixture ALFWorld games: results, and a resume that neither repeats nor loses an episode
+
+FIXTURE_GAMES = Path(__file__).resolve().parent / "fixtures" / "alfworld"
+
+
+def agent_eval(out, n_tasks):
+    return evaluate.main(["--what", "agent", "--model", "tiny", "--env", "alfworld", "--split", "valid_seen",
+                          "--n-tasks", str(n_tasks), "--max-steps", "2", "--max-new-tokens", "8",
+                          "--out-dir", str(out)])
+
+
+@pytest.mark.slow  # four evaluate runs, five ALFWorld game loads: ~30-50 s on a busy 2-core box
+def test_agent_eval_writes_results_and_resumes_without_duplicates(tmp_path, monkeypatch):
+    monkeypatch.setenv("ALFWORLD_DATA", str(FIXTURE_GAMES))
+    out = tmp_path / "eval"
+    res = agent_eval(out, 1)
+    first = read_jsonl(out / "episodes.jsonl")
+    assert len(first) == 1 and res["n_episodes"] == 1 and res["n_steps"] == 2 == len(first[0]["steps"])
+    assert "sample" not in first[0]["steps"][0] and first[0]["model"] == "tiny"
+    # 8 random tokens never make an <action> block: every step is invalid, no episode is won
+    assert res["invalid_rate"] == 1.0 and res["success"] == 0.0 and res["success_ci95"][0] == 0.0
+    assert list(res["by_task_type"]) == [first[0]["task_type"]]
+    assert json.loads((out / "results.json").read_text()) == res
+
+    # a larger run in the same dir plays only the new task
+    res = agent_eval(out, 2)
+    second = read_jsonl(out / "episodes.jsonl")
+    assert res["n_episodes"] == 2 and len(second) == 2 and second[0] == first[0]
+
+    # a kill mid-write leaves a torn last line, an env crash an "error" row: both are played again, once
+    lines = (out / "episodes.jsonl").read_text().splitlines(keepends=True)
+    crashed = {**second[0], "error": "step failed: boom"}
+    (out / "episodes.jsonl").write_text(json.dumps(crashed) + "\n" + lines[1][:40])
+    res = agent_eval(out, 2)
+    third = read_jsonl(out / "episodes.jsonl")
+    assert sorted(map(json.dumps, third)) == sorted(map(json.dumps, second))  # greedy: replayed == original
+    assert res["n_episodes"] == 2 and res["n_errors"] == 0
+
+    # nothing left to play: the model is not even loaded
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("loaded a model with nothing to play"))
+    assert agent_eval(out, 2)["n_episodes"] == 2
+    with pytest.raises(SystemExit, match="--temperature 0.0 -> 1.0"):
+        evaluate.main(["--what", "agent", "--model", "tiny", "--split", "valid_seen", "--temperature", "1.0",
+                       "--out-dir", str(out)])
