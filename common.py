@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 CACHE_DIR = Path(os.environ.get("RWML_CACHE", Path.home() / ".cache" / "rwml"))
-MODEL_NAMES = ("tiny", "smollm2-135m", "a Hugging Face id", "a local model or checkpoint directory")
+MODEL_NAMES = ("tiny", "smollm2-135m", "a Hugging Face id", "a local model, checkpoint or run directory")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -75,6 +75,8 @@ def _resolve(name: str) -> str | Path:
         return _smollm2_dir()
     path = Path(name).expanduser()
     if path.exists():
+        if not (path / "config.json").exists():  # a run dir: its merged LoRA model, else its newest checkpoint
+            path = next((p for p in (path / "merged", latest_checkpoint(path / "ckpt")) if p and p.exists()), path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"model path {path} has no config.json; accepted: {', '.join(MODEL_NAMES)}")
         return path
@@ -177,7 +179,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
-                       use_cache=True).logits[:, -1]
+                       use_cache=True, logits_to_keep=1).logits[:, -1]  # prefill: last position only
         tokens, lps = [], []
         done = torch.zeros(len(idx), dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):
