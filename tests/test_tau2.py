@@ -1,0 +1,233 @@
+"""τ² env: official splits, scripted episodes scored by the official evaluator, hostile actions, schema masking,
+and the official user simulator driven by a plain local callable (no network anywhere)."""
+import json
+
+import pytest
+
+from envs.tau2 import make_suite, mask_tool_reply
+
+RETAIL_COMM = "retail/43"  # 5 required calls + 7 facts the agent must communicate
+RETAIL_GOLD_ERROR = "retail/13"  # one required call is answered with an error, as τ² intends
+AIRLINE = "airline/3"
+TELECOM_MIXED = "telecom/[mms_issue]bad_network_preference|user_abroad_roaming_disabled_off[PERSONA:None]"
+TELECOM_AGENT_FIRST = "telecom/[mobile_data_issue]data_usage_exceeded|user_abroad_roaming_enabled_off[PERSONA:Easy]"
+TELECOM_TRANSFER = "telecom/[service_issue]lock_sim_card_pin|overdue_bill_suspension[PERSONA:Easy]"  # ACTION basis
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return make_suite("train", max_steps=200)
+
+
+def call(name, arguments):
+    return json.dumps({"name": name, "arguments": arguments})
+
+
+def scripted_user(task, judge=False, act=True):
+    """A user_llm that opens, then per agent message performs the next run of the task's required user calls
+    (telecom: on its phone, one call per turn) and says "Done.", and stops when nothing is left.
+    The simulator sees roles flipped: the agent speaks as "user", the simulated user as "assistant"."""
+    chunks, pending, prev = [], [], None
+    for a in task.evaluation_criteria.actions or []:
+        if a.requestor == "user" and act:
+            if prev != "user":
+                chunks.append([])
+            chunks[-1].append(a)
+        prev = a.requestor
+    seen = []
+
+    def user_llm(messages):
+        seen.append(messages)
+        if judge and "expectedOutcome" in messages[0]["content"]:  # the NL-assertion judge, same local model
+            return json.dumps({"results": [{"expectedOutcome": x, "reasoning": "ok", "metExpectation": True}
+                                           for x in task.evaluation_criteria.nl_assertions]})
+        if not any(m["role"] == "assistant" for m in messages):
+            return "Hi, I need some help."
+        if messages[-1]["role"] == "user":
+            if not chunks:
+                return "###STOP###"
+            pending[:] = chunks.pop(0)
+        if pending:
+            a = pending.pop(0)
+            return call(a.name, a.arguments)
+        return "Done."
+
+    user_llm.seen = seen
+    return user_llm
+
+
+def play(suite, task_id, replace=None, skip_user=False, judge=False, **kw):
+    """The scripted agent: replays the task's required agent calls in order, asks the user whenever the user's
+    calls come next, then sends the facts to communicate. replace={name: action} swaps a required call."""
+    task = suite.tasks[task_id]
+    user = scripted_user(task, judge, act=not skip_user)
+    env = make_suite("train", domain=task_id.split("/")[0], user_llm=user, max_steps=200, **kw).make()
+    obs, info = env.reset(task_id)
+    steps, prev = [], None
+    for a in task.evaluation_criteria.actions or []:
+        if a.requestor == "user":
+            if prev != "user" and not skip_user:
+                steps.append(env.step("Please do the next step on your phone."))
+        else:
+            steps.append(env.step((replace or {}).get(a.name, call(a.name, a.arguments))))
+        prev = a.requestor
+    steps.append(env.step("Thank you. " + " ; ".join(task.evaluation_criteria.communicate_info or [])))
+    return obs, info, steps, user
+
+
+@pytest.mark.parametrize("task_id", [RETAIL_COMM, RETAIL_GOLD_ERROR, AIRLINE, TELECOM_MIXED, TELECOM_AGENT_FIRST,
+                                     TELECOM_TRANSFER])
+def test_scripted_replay_wins(suite, task_id):
+    obs, info, steps, _ = play(suite, task_id)
+    assert obs.startswith("assistant: Hi! How can I help you today?\nuser: Hi, I need some help.")
+    *middle, (obs, reward, done, info) = steps
+    assert not any(d for _, _, d, _ in middle)
+    assert done and reward == 1.0 and info["won"] and info["termination"] == "user_stop"
+    basis = suite.tasks[task_id].evaluation_criteria.reward_basis
+    assert info["checks"] == sorted(b.value for b in basis) and info["nl_checks"] is False
+    assert all(v == 1.0 for v in info["reward_info"]["reward_breakdown"].values())
+    kinds = [i["next_kind"] for _, _, _, i in steps]
+    required = suite.tasks[task_id].evaluation_criteria.actions
+    assert kinds.count("tool") == sum(a.requestor == "assistant" for a in required)
+    for o, _, _, i in steps:  # obs = "kind: raw reply"; collect.py reads next_kind, tool_name and reply
+        assert o == f"{i['next_kind']}: {i['reply']}" and (i["tool_name"] is None) == (i["next_kind"] == "user")
+
+
+def test_wrong_action_scores_zero(suite):
+    # retail: the address change replaced by a valid but wrong call -> the DB differs from the gold DB
+    _, _, steps, _ = play(suite, RETAIL_COMM, replace={"modify_user_address": call(
+        "transfer_to_human_agents", {"summary": "the user wants a new address"})})
+    _, reward, done, info = steps[-1]
+    assert done and reward == 0.0 and not info["won"] and info["reward_info"]["reward_breakdown"]["DB"] == 0.0
+    # telecom: the agent never asks the user to fix the phone -> the env assertions fail
+    _, _, steps, _ = play(suite, TELECOM_MIXED, skip_user=True)
+    assert steps[-1][1] == 0.0 and steps[-1][3]["reward_info"]["reward_breakdown"]["ENV_ASSERTION"] == 0.0
+    # telecom, ACTION basis: a lookup instead of the required transfer
+    _, _, steps, _ = play(suite, TELECOM_TRANSFER, replace={"transfer_to_human_agents": call(
+        "get_customer_by_phone", {"phone_number": "555-123-2002"})})
+    assert steps[-1][1] == 0.0 and steps[-1][3]["reward_info"]["reward_breakdown"]["ACTION"] == 0.0
+
+
+def test_hostile_actions_are_invalid_never_raise():
+    deep = "{" + '"a": {' * 40 + "}" * 40 + "}"
+    hostile = [
+        '{"name": "get_user_details", "arguments": {"user_id": ',  # truncated JSON
+        "{not json at all",
+        '{"name": "get_user_details", "arguments": "yusuf_rossi_9620"}',  # arguments not an object
+        '{"name": 42, "arguments": {}}',
+        '{"name": "get_user_details", "arguments": {}, "requestor": "user"}',  # tries to act as the user
+        '{"tool": "get_user_details"}',
+        call("no_such_tool", {}),
+        call("get_user_details", {"user_id": "x" * 1_000_000}),  # huge argument
+        call("get_user_details", {"user_id": ["a", {"b": None}]}),  # wrong type
+        call("get_order_details", {"order_id": 12345}),  # wrong type
+        call("get_user_details", {"user_id": "a", "requestor": "user", "tool_name": "x"}),  # clashing names
+        call("get_user_details", {}),  # missing argument
+        call("calculate", {"expression": "9**9**9**9"}),  # would never return
+        call("calculate", {"expression": 7}),
+        '{"name": "calculate", "arguments": {"expression": ' + "1" * 5000 + "}}",  # int too long to parse
+        '{"name": "get_user_details", "arguments": ' + deep + "}",  # nested too deep
+        "{" * 100_000,  # JSON recursion
+        "   ",
+        "",
+    ]
+    env = make_suite("train", domain="retail", user_llm=lambda m: "Hello.", max_steps=1000, max_errors=1000).make()
+    env.reset("retail/0")
+    for action in hostile:
+        obs, reward, done, info = env.step(action)
+        assert not info["valid"] and not done and reward == 0.0, action[:80]
+        assert info["next_kind"] == "tool" and obs.startswith("tool: Error"), (action[:80], obs[:200])
+    obs, reward, done, info = env.step("[1, 2]")  # not a call: a (strange) message to the user
+    assert info["valid"] and obs == "user: Hello."
+    obs, reward, done, info = env.step("###STOP###")  # the agent ends; the official evaluator still scores it
+    assert done and reward == 0.0 and info["termination"] == "agent_stop" and info["checks"] == ["COMMUNICATE", "DB"]
+    assert env.step("anything")[2]  # acting after the end is a no-op, not a crash
+
+
+def test_agent_stop_tool_ends_and_scores(suite):
+    """τ²'s gym `done` tool: with a user that never stops (a small local model), the agent's stop gets scored."""
+    assert len(suite.tasks["retail/73"].evaluation_criteria.actions) == 1
+    env = make_suite("train", domain="retail", user_llm=lambda m: "Hello.").make()
+    obs, info = env.reset("retail/73")
+    assert any(t["function"]["name"] == "done" for t in info["tools"])
+    obs, reward, done, info = env.step(info["gold"])  # the required call, as the env's gold hint gives it
+    assert info["valid"] and not done and info["gold"] is None
+    obs, reward, done, info = env.step(call("done", {}))
+    assert done and reward == 1.0 and info["valid"] and info["termination"] == "agent_stop" and obs == ""
+
+
+def test_episode_limits():
+    env = make_suite("train", domain="retail", user_llm=lambda m: "Hello.", max_steps=7).make()
+    env.reset("retail/0")  # 1 step used: the user's opening (τ² does not count its own greeting)
+    results = [env.step(call("get_user_details", {"user_id": "yusuf_rossi_9620"})) for _ in range(3)]
+    assert [r[2] for r in results] == [False, False, True] and results[-1][3]["termination"] == "max_steps"
+    env = make_suite("train", domain="retail", user_llm=lambda m: "Hello.", max_steps=100).make()
+    env.reset("retail/0")
+    results = [env.step("{broken") for _ in range(10)]  # τ²'s default: 10 failed calls end the episode
+    assert [r[2] for r in results] == [False] * 9 + [True]
+    assert results[-1][3]["termination"] == "too_many_errors" and results[-1][1] == 0.0
+
+
+def test_user_llm_drives_official_user_simulator(suite):
+    from tau2.user.user_simulator import get_global_user_sim_guidelines
+    _, info, steps, user = play(suite, TELECOM_MIXED)
+    task = suite.tasks[TELECOM_MIXED]
+    system = user.seen[0][0]
+    assert system["role"] == "system" and get_global_user_sim_guidelines(use_tools=True) in system["content"]
+    assert task.user_scenario.instructions.reason_for_call in system["content"]
+    assert "<tools>" in system["content"] and '"name": "toggle_roaming"' in system["content"]
+    assert any(m["role"] == "tool" for m in user.seen[-1])  # the user's own calls ran on its phone
+    assert sum(i.get("user_tool_calls", 0) for *_, i in steps) == 2
+    # the agent side: τ²'s prompt, tool schemas, and only what the simulator knows about itself
+    assert "<policy>" in info["system_prompt"] and '"name": "get_customer_by_phone"' in info["system_prompt"]
+    assert info["user_info"] == task.user_scenario.instructions.known_info
+    assert task.user_scenario.instructions.reason_for_call not in info["user_info"]
+    assert info["task_type"] == "telecom" and info["admissible"] is None and info["tools"]
+
+
+def test_user_that_says_nothing_ends_the_episode():
+    env = make_suite("train", domain="retail", user_llm=lambda m: "").make()
+    _, info = env.reset("retail/0")  # τ² rejects the empty user message: a user error, not a crash
+    assert info["done"]
+    _, reward, done, info = env.step("Hello?")
+    assert done and reward == 0.0 and info["termination"] == "user_error" and not info["valid"]
+
+
+def test_nl_checks_use_the_local_judge(suite):
+    _, _, steps, user = play(suite, AIRLINE, judge=True, nl_checks=True)
+    _, reward, done, info = steps[-1]
+    assert done and reward == 1.0 and info["nl_checks"] and info["reward_info"]["nl_assertions"][0]["met"]
+    assert any("expectedOutcome" in m[0]["content"] for m in user.seen)
+
+
+def test_splits_are_the_official_ones():
+    train, test = make_suite("train"), make_suite("test")
+    for split, sizes in ((train, (30, 74, 74)), (test, (20, 40, 40))):
+        counts = [sum(t.startswith(d + "/") for t in split.task_ids) for d in ("airline", "retail", "telecom")]
+        assert tuple(counts) == sizes
+    assert not set(train.task_ids) & set(test.task_ids)
+    assert make_suite("test", domain="retail").task_ids == [t for t in test.task_ids if t.startswith("retail/")]
+    with pytest.raises(ValueError, match="split"):
+        make_suite("dev")
+    with pytest.raises(ValueError, match="domain"):
+        make_suite("train", domain="banking")
+    with pytest.raises(ValueError, match="user simulator"):
+        make_suite("train").make()
+
+
+def test_mask_tool_reply():
+    reply = json.dumps({"customer_id": "abc", "n": 2, "ok": True, "price": 9.5, "note": None,
+                        "orders": [{"id": "#W1", "items": [1, 2]}, {"id": "#W2", "items": []}], "tags": [],
+                        "address": {"city": "Chicago", "zip": "60621"}})
+    assert json.loads(mask_tool_reply(reply)) == {"type": "object", "properties": {
+        "customer_id": {"type": "string"}, "n": {"type": "integer"}, "ok": {"type": "boolean"},
+        "price": {"type": "number"}, "note": {"type": "null"},
+        "orders": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "string"}, "items": {"type": "array", "items": {"type": "integer"}}}}},
+        "tags": {"type": "array", "items": {}},
+        "address": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string"}}}}}
+    assert mask_tool_reply('{"customer_id": "abc", "n": 2}') == \
+        '{"type": "object", "properties": {"customer_id": {"type": "string"}, "n": {"type": "integer"}}}'
+    assert mask_tool_reply("Error: User not found") == "Error: User not found"
+    assert mask_tool_reply("1024.0") == '{"type": "number"}'
+    assert mask_tool_reply('"Transfer successful"') == '{"type": "string"}'
