@@ -1,0 +1,308 @@
+"""World-model SFT and RWML's "too easy" subsampling (paper §2.2, ../shared/PAPER.md).
+
+    python filter.py --triples runs/collect/triples_train.jsonl --val-triples runs/collect/triples_val.jsonl
+        1. SFT a filter model on the validation triples (supervised next-state prediction)
+        2. sample K predictions per training triple at temperature 1.0, score each with the world-model reward
+           at the strict threshold (tau_d 0.1 ALFWorld, 0.15 τ² user replies)
+        3. easy = at least one hit; keep easy triples with probability p = 0.1, all others
+           -> out_dir/filtered.jsonl (each triple + easy_hits, easy, kept) and out_dir/summary.json
+    python filter.py --sft-only --triples runs/collect/triples_train.jsonl --out-dir runs/wm_sft
+        the paper's WM SFT baseline: the same SFT on the training triples; the checkpoint is the product.
+
+The SFT label is "<think> </think>\\n<next_state> {s} </next_state>" + EOS, loss on the label tokens only.
+Checkpoints go to out_dir/ckpt/step_N (common.load_model(path) loads one); a rerun resumes from the latest,
+and scoring skips triples already scored. Under torchrun the SFT runs under FSDP2 and each rank scores a
+disjoint shard of the training triples into out_dir/scored/rank{r}.jsonl; rank 0 merges.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import common
+import prompts
+
+
+def flag(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Settings:
+    """WM SFT (the paper's baseline) and the "too easy" filter (RWML §2.2)."""
+    triples: str = flag("runs/collect/triples_train.jsonl", "training triples (rows with kept=false are skipped)")
+    val_triples: str = flag("runs/collect/triples_val.jsonl", "validation triples: the filter model's SFT data")
+    out_dir: str = flag("runs/filter", "config.json, metrics.jsonl, ckpt/, scored/, filtered.jsonl, summary.json")
+    model: str = flag("smollm2-135m", "base model: tiny | smollm2-135m | HF id | path")
+    sft_only: bool = flag(False, "WM SFT baseline: SFT on --triples, save the checkpoint, stop")
+    seed: int = flag(0, "data order, sampling and the keep coin")
+    # stage 1: SFT (paper: 2 epochs, lr 2e-6, batch 32)
+    epochs: int = flag(2, "SFT epochs (0: score with the base model)")
+    lr: float = flag(2e-6, "AdamW learning rate (constant)")
+    batch_size: int = flag(32, "effective batch (triples per optimizer step, all ranks together)")
+    micro_batch: int = flag(4, "triples per forward/backward on one rank; accumulation fills the batch")
+    grad_clip: float = flag(1.0, "max global grad norm (0: off)")
+    max_prompt_tokens: int = flag(1500, "longer prompts are left-truncated (the oldest history goes first)")
+    save_every: int = flag(100, "optimizer steps between checkpoints")
+    # stage 2: the filter (paper: K 10, temperature 1.0, strict tau_d 0.1 ALFWorld / 0.15 τ², p 0.1)
+    k: int = flag(10, "predictions sampled per training triple")
+    temperature: float = flag(1.0, "sampling temperature of the predictions")
+    max_new_tokens: int = flag(256, "max tokens per prediction")
+    triples_per_chunk: int = flag(8, "triples scored together; their rows are appended as one resumable unit")
+    gen_batch_size: int = flag(32, "sequences per generate batch")
+    embedder: str = flag("minilm", "reward embedder: minilm | a sentence-transformers id")
+    tau_d: float = flag(0.1, "strict threshold on 1 - cos for observations (paper: 0.1 ALFWorld)")
+    tau_d_user: float = flag(0.15, "strict threshold for τ² user replies (paper: 0.15)")
+    reward_max_tokens: int = flag(100, "truncate states to this many embedder tokens (paper: 100 ALFWorld, 512 τ²)")
+    min_hits: int = flag(1, "a triple is easy when at least this many of its K predictions hit")
+    keep_p: float = flag(0.1, "probability of keeping an easy triple")
+
+
+TRIPLE_KEYS = ("id", "env", "instruction", "history", "state", "action", "next_state", "next_kind")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The easy/keep rule (pure, so tests can check it on crafted hit counts)
+
+def unit_hash(*parts) -> float:
+    """A uniform number in [0, 1) from a stable hash of parts (Python's hash() is salted per process)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def mark(triple_id: str, hits: int, keep_p: float, seed: int, min_hits: int = 1) -> tuple[bool, bool]:
+    """-> (easy, kept). Easy: >= min_hits of the K predictions hit. Easy triples are kept with probability
+    keep_p, all others always. The coin is a hash of (seed, id): every run, rank and resume agrees."""
+    easy = hits >= min_hits
+    return easy, (not easy) or unit_hash(seed, triple_id) < keep_p
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data
+
+def load_triples(path) -> list[dict]:
+    """Triples (DESIGN.md format); rows of a filtered.jsonl with kept=false are skipped. Ids must be unique:
+    resuming matches rows by id."""
+    rows = [r for r in common.read_jsonl(path, TRIPLE_KEYS) if r.get("kept", True)]
+    seen = set()
+    for r in rows:
+        if r["id"] in seen:
+            raise common.DataError(f"{path}: duplicate triple id {r['id']!r}")
+        seen.add(r["id"])
+    return rows
+
+
+def wm_prompts(tokenizer, triples: list[dict], max_prompt_tokens: int) -> list[list[int]]:
+    """World-model prompt ids, left-truncated to max_prompt_tokens (the oldest history goes first)."""
+    out = [common.chat_ids(tokenizer, prompts.wm_messages(t)) for t in triples]
+    if cut := sum(len(ids) > max_prompt_tokens for ids in out):
+        common.print0(f"warning: {cut} of {len(triples)} prompts were longer than --max-prompt-tokens "
+                      f"{max_prompt_tokens} and were left-truncated")
+    return [ids[-max_prompt_tokens:] for ids in out]
+
+
+def sft_examples(tokenizer, triples: list[dict], max_prompt_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, label ids) per triple; the label is the WM SFT target + EOS."""
+    labels = [tokenizer(prompts.wm_sft_target(t["next_state"]), add_special_tokens=False)["input_ids"]
+              + [tokenizer.eos_token_id] for t in triples]
+    return list(zip(wm_prompts(tokenizer, triples, max_prompt_tokens), labels))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    order = list(range(n))
+    random.Random(f"{seed}:{epoch}").shuffle(order)  # str seeds are hashed stably
+    return order
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 1: supervised next-state prediction
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("_")[-1])  # step_000123
+
+
+def wrap_for_training(lm, d: common.Dist) -> common.TokenLogprobs:
+    """TokenLogprobs over the LM; under torchrun each decoder layer and then the wrapper (embeddings, lm_head)
+    are FSDP2-sharded, computing in bf16 on CUDA over fp32 master weights."""
+    scorer = common.TokenLogprobs(lm)
+    if d.world > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if d.device.type == "cuda" else MixedPrecisionPolicy()
+        for layer in lm.get_decoder().layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(scorer, mp_policy=mp)
+    return scorer
+
+
+def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: common.MetricsLogger) -> Path:
+    """Train, resuming from ckpt_root's latest checkpoint; -> the final checkpoint dir (on every rank)."""
+    if s.batch_size % (s.micro_batch * d.world):
+        raise ValueError(f"--batch-size {s.batch_size} must be a multiple of --micro-batch {s.micro_batch} "
+                         f"x {d.world} rank(s)")
+    if s.epochs and len(triples) < s.batch_size:
+        raise ValueError(f"{len(triples)} SFT triples, fewer than --batch-size {s.batch_size}")
+    steps_per_epoch = len(triples) // s.batch_size  # the last partial batch of each epoch is dropped
+    total = steps_per_epoch * s.epochs
+    last = common.latest_checkpoint(ckpt_root)
+    if last is not None and checkpoint_step(last) >= total:
+        common.print0(f"SFT already done: {last}")
+        return last
+
+    # fp32 master weights: in bf16 an lr-2e-6 AdamW update is below the rounding step of most weights
+    lm, tok = common.load_model(s.model, dtype=torch.float32, device=d.device)
+    examples = sft_examples(tok, triples, s.max_prompt_tokens)
+    scorer = wrap_for_training(lm, d)
+    opt = torch.optim.AdamW(scorer.parameters(), lr=s.lr, weight_decay=0.0)
+    start = common.load_checkpoint(last, lm, opt)["step"] if last is not None else 0
+    cuda_single = d.device.type == "cuda" and d.world == 1  # FSDP2's mixed precision covers world > 1
+    if start:
+        common.print0(f"resuming SFT from {last} (step {start}/{total})")
+
+    for step in tqdm(range(start, total), desc="sft", initial=start, total=total, disable=not d.main):
+        t0 = time.time()
+        epoch, b = divmod(step, steps_per_epoch)
+        batch = epoch_order(len(examples), s.seed, epoch)[b * s.batch_size:(b + 1) * s.batch_size]
+        n_tokens = sum(len(examples[i][1]) for i in batch)  # label tokens in the global batch
+        mine = batch[d.rank::d.world]
+        nll = torch.zeros((), device=d.device)
+        for m0 in range(0, len(mine), s.micro_batch):
+            ps, ls = zip(*(examples[i] for i in mine[m0:m0 + s.micro_batch]))
+            ids, attn, mask = common.pack_batch(list(ps), list(ls), tok.pad_token_id, d.device)
+            with torch.autocast("cuda", torch.bfloat16, enabled=cuda_single):
+                logp, _ = scorer(ids, attn, mask)
+            # mean NLL over the global batch's label tokens; FSDP averages gradients over ranks, so x world
+            (-logp.sum() * d.world / n_tokens).backward()
+            nll += -logp.detach().sum()
+        grad_norm = torch.nn.utils.clip_grad_norm_(scorer.parameters(), s.grad_clip or float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if d.world > 1:
+            dist.all_reduce(nll)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP2
+            grad_norm = grad_norm.full_tensor()
+        log.log({"stage": "sft", "step": step, "epoch": epoch, "loss": nll.item() / n_tokens,
+                 "grad_norm": grad_norm.item(), "label_tokens": n_tokens, "step_s": round(time.time() - t0, 3)})
+        if (step + 1) % s.save_every == 0 and step + 1 < total:
+            common.save_checkpoint(ckpt_root, step + 1, lm, tok, opt)
+    common.save_checkpoint(ckpt_root, total, lm, tok, opt)
+    final = common.latest_checkpoint(ckpt_root)
+    common.print0(f"SFT checkpoint: {final}")
+    return final
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage 2: K predictions per training triple, hits at the strict threshold
+
+def score(s: Settings, d: common.Dist, model_path: Path, triples: list[dict], parts: Path,
+          log: common.MetricsLogger) -> None:
+    """Each rank scores its shard (triples[rank::world]) into parts/rank{r}.jsonl, skipping scored ids."""
+    from rewards import WorldModelReward
+    parts.mkdir(parents=True, exist_ok=True)
+    if d.main:  # repair torn last lines of a killed run once, before any rank reads
+        for p in sorted(parts.glob("rank*.jsonl")):
+            common.read_jsonl_resumable(p)
+    if d.world > 1:
+        dist.barrier()
+    done = {r["id"] for p in sorted(parts.glob("rank*.jsonl")) for r in common.read_jsonl(p)}
+    todo = [t for t in triples[d.rank::d.world] if t["id"] not in done]
+    common.print0(f"scoring {len(triples) - len(done)} triples ({len(done)} already scored) on {d.world} rank(s)")
+    if not todo:
+        return
+    model, tok = common.load_model(str(model_path), device=d.device)
+    reward = WorldModelReward(s.embedder, tau_d=s.tau_d, tau_d_user=s.tau_d_user, max_tokens=s.reward_max_tokens,
+                              device=str(d.device))
+    prompt_ids = wm_prompts(tok, todo, s.max_prompt_tokens)
+    out = parts / f"rank{d.rank}.jsonl"
+    n_scored = n_easy = 0
+    chunks = range(0, len(todo), s.triples_per_chunk)
+    for c0 in tqdm(chunks, desc=f"score rank {d.rank}", disable=not d.main):
+        t0 = time.time()
+        chunk = todo[c0:c0 + s.triples_per_chunk]
+        # seeded by the chunk's first id: a resumed run redraws exactly the samples the killed one would have
+        gen = torch.Generator(d.device).manual_seed(int(unit_hash("sample", s.seed, chunk[0]["id"]) * 2**62))
+        ids = prompt_ids[c0:c0 + s.triples_per_chunk]
+        samples = common.generate(model, tok, [p for p in ids for _ in range(s.k)], s.max_new_tokens,
+                                  s.temperature, batch_size=s.gen_batch_size, generator=gen)
+        # [chunk * K] rewards; a hit is a full reward (binary 1.0, or snapped ROUGE-L 1.0 for τ² tool replies)
+        scores = reward([x.text for x in samples], [t for t in chunk for _ in range(s.k)]).view(len(chunk), s.k)
+        hits = (scores >= 1.0).sum(1).tolist()
+        best = (scores.argmax(1) + torch.arange(len(chunk)) * s.k).tolist()  # for reading what the filter predicts
+        common.append_jsonl(out, [{"id": t["id"], "easy_hits": h, "scores": sc, "best_prediction": samples[b].text}
+                                  for t, h, sc, b in zip(chunk, hits, scores.tolist(), best)])
+        n_scored += len(chunk)
+        n_easy += sum(h >= s.min_hits for h in hits)
+        log.log({"stage": "score", "rank": d.rank, "scored": n_scored, "easy_frac": n_easy / n_scored,
+                 "mean_response_tokens": sum(len(x.response_ids) for x in samples) / len(samples),
+                 "cut_frac": sum(not x.finished for x in samples) / len(samples),  # hit --max-new-tokens
+                 "predictions_per_s": round(len(samples) / (time.time() - t0), 2)})
+
+
+def fractions(rows: list[dict]) -> dict:
+    n = len(rows)
+    easy, kept = sum(r["easy"] for r in rows), sum(r["kept"] for r in rows)
+    return {"triples": n, "easy": easy, "kept": kept, "easy_frac": easy / n if n else 0.0,
+            "kept_frac": kept / n if n else 0.0}
+
+
+def fractions_by(rows: list[dict], key: str) -> dict:
+    return {v: fractions([r for r in rows if r[key] == v]) for v in sorted({r[key] for r in rows})}
+
+
+def merge(s: Settings, triples: list[dict], parts: Path, out_dir: Path, model_path: Path) -> dict:
+    """filtered.jsonl in the training file's order, and summary.json; -> the summary."""
+    scored = {r["id"]: r for p in sorted(parts.glob("rank*.jsonl")) for r in common.read_jsonl(p)}
+    rows = []
+    for t in triples:
+        if t["id"] not in scored:
+            raise RuntimeError(f"{parts}: triple {t['id']!r} was never scored (a rank died?); rerun to finish it")
+        hits = scored[t["id"]]["easy_hits"]
+        easy, kept = mark(t["id"], hits, s.keep_p, s.seed, s.min_hits)
+        rows.append({**t, "easy_hits": hits, "easy": easy, "kept": kept})
+    common.write_jsonl(out_dir / "filtered.jsonl", rows)
+    summary = {**fractions(rows), "by_env": fractions_by(rows, "env"), "by_next_kind": fractions_by(rows, "next_kind"),
+               "filter_model": str(model_path), "k": s.k, "tau_d": s.tau_d, "tau_d_user": s.tau_d_user,
+               "min_hits": s.min_hits, "keep_p": s.keep_p, "seed": s.seed}
+    tmp = out_dir / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(out_dir / "summary.json")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict | Path:
+    s = common.parse_settings(Settings, argv)
+    d = common.init_distributed()
+    common.seed_everything(s.seed)
+    out_dir = Path(s.out_dir)
+    if d.main:
+        common.save_config(s, out_dir)
+    log = common.MetricsLogger(out_dir / "metrics.jsonl", enabled=d.main)
+    ckpt_root = out_dir / "ckpt"
+    if s.sft_only:
+        return sft(s, d, load_triples(s.triples), ckpt_root, log)
+    train = load_triples(s.triples)  # read before the SFT: a bad file fails fast
+    model_path = sft(s, d, load_triples(s.val_triples), ckpt_root, log)
+    parts = out_dir / "scored"
+    score(s, d, model_path, train, parts, log)
+    if d.world > 1:
+        dist.barrier()
+    if not d.main:
+        return model_path
+    summary = merge(s, train, parts, out_dir, model_path)
+    common.print0(f"easy {summary['easy']}/{summary['triples']} ({summary['easy_frac']:.1%}), kept "
+                  f"{summary['kept']} ({summary['kept_frac']:.1%}) -> {out_dir / 'filtered.jsonl'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
+    if dist.is_initialized():
+        dist.destroy_process_group()
