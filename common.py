@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -159,8 +160,9 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     device = next(model.parameters()).device
     stop = torch.tensor(sorted(eos_ids(model, tokenizer)), device=device)
     pad = tokenizer.pad_token_id
-    # longest prompts first: similar lengths share a batch, so less padding
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    # longest prompts first (similar lengths share a batch: less padding); equal prompts side by side, so a
+    # GRPO group's G copies of one prompt are prefilled once and share the KV cache rows
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompts[i]), prompts[i]))
     out: list[Sample | None] = [None] * len(prompts)
     batches = range(0, len(order), batch_size)
     if progress:
@@ -170,16 +172,22 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     model.eval()
     for b0 in batches:
         idx = order[b0:b0 + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long, device=device)
+        first = [k == 0 or prompts[i] != prompts[idx[k - 1]] for k, i in enumerate(idx)]
+        uniq = [i for i, f in zip(idx, first) if f]
+        expand = torch.tensor(list(itertools.accumulate(first)), device=device) - 1  # row -> its unique prompt
+        width = max(len(prompts[i]) for i in uniq)
+        ids = torch.full((len(uniq), width), pad, dtype=torch.long, device=device)
         mask = torch.zeros_like(ids)
-        for row, i in enumerate(idx):
+        for row, i in enumerate(uniq):
             ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i], device=device)
             mask[row, width - len(prompts[i]):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1]  # prefill: last position only
+        if len(uniq) < len(idx):
+            cache.reorder_cache(expand)
+            logits, mask, pos = logits[expand], mask[expand], pos[expand]
         tokens, lps = [], []
         done = torch.zeros(len(idx), dtype=torch.bool, device=device)
         for _ in range(max_new_tokens):

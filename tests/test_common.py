@@ -171,3 +171,13 @@ def test_smollm2_loads_offline_and_answers():
     ids = common.chat_ids(tok, [{"role": "user", "content": "What is the capital of France?"}])
     out = common.generate(model, tok, [ids], max_new_tokens=16, temperature=0.0)[0]
     assert out.finished and "Paris" in out.text
+
+
+def test_repeated_prompts_share_one_prefill_and_match_unshared(tiny):
+    model, tok = tiny
+    a, b = _ids(tok, PROMPTS[:2])
+    shared = common.generate(model, tok, [a, a, b, a, b], max_new_tokens=6, temperature=0.0, batch_size=5)
+    for p, s in zip([a, a, b, a, b], shared):
+        alone = common.generate(model, tok, [p], max_new_tokens=6, temperature=0.0)[0]
+        assert s.prompt_ids == p and s.response_ids == alone.response_ids
+        torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=0)
