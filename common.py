@@ -172,7 +172,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int = 2
     model.eval()
     for b0 in batches:
         idx = order[b0:b0 + batch_size]
-        first = [k == 0 or prompts[i] != prompts[idx[k - 1]] for k, i in enumerate(idx)]
+        first = [int(k == 0 or prompts[i] != prompts[idx[k - 1]]) for k, i in enumerate(idx)]
         uniq = [i for i, f in zip(idx, first) if f]
         expand = torch.tensor(list(itertools.accumulate(first)), device=device) - 1  # row -> its unique prompt
         width = max(len(prompts[i]) for i in uniq)
