@@ -1,0 +1,156 @@
+"""The agent-env loop that collect.py, train_rwml.py --task policy and evaluate.py all play episodes with.
+
+Continuous batching: up to `batch_size` episodes are live at once; each loop turn every live episode gets its
+next action from ONE batched `act` call, then all of them step together in the env pool's worker processes.
+A finished episode leaves at once and the next job takes its slot; the new job's game loads in a worker while the
+model generates for the others (ALFWorld compiles its PDDL at load, 1-2 s). An env that raises or a worker that
+dies fails that episode only (episode["error"], success False); the run goes on.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Callable
+
+from common import Sample, chat_ids, generate
+from envs.base import EnvPool
+from prompts import agent_messages, parse_action
+
+# reset-info keys an episode keeps when the env gives them: the task type (per-type stats), and for τ² the agent
+# system prompt and the user's basic info, which the world-model prompt of its triples needs (paper App. C.1)
+EPISODE_INFO = ("task_type", "system_prompt", "user_info")
+
+Act = Callable[[list[list[dict]], list[dict]], list[Sample]]
+
+
+def recent(steps: list[dict], t: int, history: int) -> list[dict]:
+    """The last `history` (obs, action) turns before step t: what the agent's prompt and the triple both show."""
+    return [{"obs": s["obs"], "action": s["action"]} for s in steps[max(0, t - history):t]]
+
+
+def model_actor(model, tokenizer, temperature: float, max_new_tokens: int, top_p: float = 1.0,
+                generator=None) -> Act:
+    """act(messages_list, infos) -> one Sample per prompt, all from one batched generate call."""
+    def act(messages_list: list[list[dict]], infos: list[dict]) -> list[Sample]:
+        prompts = [chat_ids(tokenizer, m) for m in messages_list]
+        return generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p,
+                        batch_size=max(1, len(prompts)), generator=generator)
+    return act
+
+
+def _new_episode(env: str, split: str, model: str, job: tuple[str, int], obs: str, info: dict) -> dict:
+    episode = {"env": env, "split": split, "task_id": job[0], "instruction": info.get("instruction", ""),
+               "rollout": job[1], "model": model, "steps": [], "success": False, "n_steps": 0}
+    episode.update((k, info[k]) for k in EPISODE_INFO if info.get(k))
+    return {"episode": episode, "obs": obs, "info": info}
+
+
+def _messages(live: dict, env: str, history: int) -> list[dict]:
+    episode, info = live["episode"], live["info"]
+    steps = episode["steps"]
+    return agent_messages(episode["instruction"], recent(steps, len(steps), history), live["obs"],
+                          info.get("admissible"), len(steps), env, system=episode.get("system_prompt"))
+
+
+def run_episodes(act: Act, suite, jobs: list[tuple[str, int]], *, env: str, split: str, model: str = "",
+                 max_steps: int = 30, history: int = 2, n_workers: int = 0, batch_size: int = 16,
+                 on_done: Callable[[dict], None] | None = None) -> list[dict]:
+    """Plays every job (task_id, rollout_index) once; returns the episodes in job order.
+
+    act(messages_list, infos) -> list[Sample]: one response per live episode (infos: each one's latest env info,
+    holding "admissible" and "gold"). Episode: {"env", "split", "task_id", "instruction", "rollout", "model",
+    "steps", "success", "n_steps"} (+ "task_type", "system_prompt", "user_info" when the env gives them, + "error"
+    when it failed). Step: {"obs", "action", "response", "valid", "next_obs", "reward", "done", "sample"}
+    (+ "next_kind" when the env gives it: τ²'s "tool" | "user"); "sample" is the common.Sample (token ids and
+    sampler log-probs) and is not JSON: drop it before writing. valid = the reply parsed to an admissible action
+    AND the env accepted it; an invalid step still reaches the env, which answers as the game does. `done` is the
+    env's: an episode cut at max_steps ends with done False. on_done(episode) runs as each episode finishes.
+    """
+    if not jobs:
+        return []
+    queue = deque(enumerate(jobs))
+    free = list(range(min(batch_size, len(jobs))))[::-1]
+    live: dict[int, dict] = {}                      # slot -> {"episode", "obs", "info", "index"}
+    finished: dict[int, dict] = {}                  # job index -> episode
+
+    def finish(slot: int, error: str | None = None) -> None:
+        state = live.pop(slot)
+        episode = state["episode"]
+        if error is not None:
+            episode["error"] = error
+        episode["n_steps"] = len(episode["steps"])
+        episode["success"] = error is None and bool(state["info"].get("won", False))
+        finished[state["index"]] = episode
+        free.append(slot)
+        if on_done is not None:
+            on_done(episode)
+
+    with EnvPool(suite, n_workers) as pool:
+        while queue or live:
+            starts = []
+            while free and queue:
+                starts.append((free.pop(), *queue.popleft()))
+            pool.send([("reset", slot, job[0]) for slot, _, job in starts])  # loads overlap with generate below
+            acting = sorted(live)
+            samples = act([_messages(live[s], env, history) for s in acting],
+                          [live[s]["info"] for s in acting]) if acting else []
+            if len(samples) != len(acting):
+                raise RuntimeError(f"act returned {len(samples)} samples for {len(acting)} prompts")
+            for (slot, index, job), (obs, info) in zip(starts, pool.recv()):
+                live[slot] = {**_new_episode(env, split, model, job, obs, info), "index": index}
+                if info.get("error"):
+                    finish(slot, f"reset failed: {info['error']}")
+            actions = [parse_action(sample.text, live[s]["info"].get("admissible")) for s, sample in
+                       zip(acting, samples)]
+            results = pool.run([("step", s, action) for s, (action, _) in zip(acting, actions)]) if acting else []
+            for slot, sample, (action, parsed), (next_obs, reward, done, info) in zip(acting, samples, actions,
+                                                                                      results):
+                state = live[slot]
+                if info.get("error"):  # the env broke: keep the steps it really took, fail the episode
+                    finish(slot, f"step failed: {info['error']}")
+                    continue
+                step = {"obs": state["obs"], "action": action, "response": sample.text,
+                        "valid": parsed and bool(info.get("valid", True)), "next_obs": next_obs,
+                        "reward": float(reward), "done": bool(done), "sample": sample}
+                if "next_kind" in info:
+                    step["next_kind"] = info["next_kind"]
+                state["episode"]["steps"].append(step)
+                state["obs"], state["info"] = next_obs, info
+                if done or len(state["episode"]["steps"]) >= max_steps:
+                    finish(slot)
+    return [finished[i] for i in range(len(jobs))]
+
+
+def strip_samples(episode: dict) -> dict:
+    """The episode as written to episodes.jsonl: every step without its in-memory Sample."""
+    return {**episode, "steps": [{k: v for k, v in step.items() if k != "sample"} for step in episode["steps"]]}
+
+
+def wm_next_state(step: dict) -> tuple[str, dict]:
+    """A triple's next state and extra meta. τ² tool replies (paper App. C.1) are masked to their OpenAPI-style
+    schema, so the world model learns a reply's shape, not database values; the raw reply stays in meta."""
+    if step.get("next_kind") != "tool":
+        return step["next_obs"], {}
+    from envs.tau2 import mask_tool_reply
+    prefix, sep, reply = step["next_obs"].partition(": ")  # τ² observations read "tool: <reply>"
+    masked = f"{prefix}{sep}{mask_tool_reply(reply)}" if sep else mask_tool_reply(step["next_obs"])
+    return masked, {"raw_next_state": step["next_obs"]}
+
+
+def episode_triples(episode: dict, history: int) -> list[dict]:
+    """RWML triples (paper §2.2, DESIGN.md): one per VALID step, <last `history` turns, state, action, next state>.
+    The history counts every earlier step, invalid ones too: it is what the agent saw. id = task#rollout#t."""
+    steps = episode["steps"]
+    context = {k: episode[k] for k in EPISODE_INFO if k in episode}
+    triples = []
+    for t, step in enumerate(steps):
+        if not step["valid"]:
+            continue
+        next_state, extra = wm_next_state(step)
+        triples.append({
+            "id": f"{episode['task_id']}#{episode['rollout']}#{t}", "env": episode["env"],
+            "task_id": episode["task_id"], "instruction": episode["instruction"], "history": recent(steps, t, history),
+            "state": step["obs"], "action": step["action"], "next_state": next_state,
+            "next_kind": step.get("next_kind", "obs"),
+            "meta": {"split": episode["split"], "rollout": episode["rollout"], "t": t, "model": episode["model"],
+                     "reward": step["reward"], "done": step["done"], **context, **extra}})
+    return triples

@@ -1,0 +1,313 @@
+"""collect.py and rollout.py: the batched episode loop, the files it writes, triples, resume, robustness."""
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+import collect
+from common import Sample, read_jsonl, save_config
+from rollout import episode_triples, run_episodes
+
+FIXTURES = Path(__file__).parent / "fixtures" / "alfworld"
+EPISODE_KEYS = ("env", "split", "task_id", "instruction", "rollout", "model", "steps", "success", "n_steps")
+STEP_KEYS = {"obs", "action", "response", "valid", "next_obs", "reward", "done"}
+TRIPLE_KEYS = ("id", "env", "task_id", "instruction", "history", "state", "action", "next_state", "next_kind", "meta")
+
+
+@pytest.fixture(autouse=True)
+def alfworld_fixtures(monkeypatch):
+    monkeypatch.setenv("ALFWORLD_DATA", str(FIXTURES))
+
+
+def reply(action: str) -> Sample:
+    return Sample([], [], f"<think>scripted</think><action>{action}</action>", [], True)
+
+
+def expert(messages_list, infos):
+    return [reply(info["gold"]) for info in infos]
+
+
+def mixed_actor(seed=0):
+    """Gold (or the first admissible) action mostly; sometimes no tags, sometimes a non-admissible action."""
+    rng = random.Random(seed)
+
+    def act(messages_list, infos):
+        out = []
+        for info in infos:
+            r = rng.random()
+            if r < 0.2:
+                out.append(Sample([], [], "I will just look around, no tags", [], False))
+            elif r < 0.4:
+                out.append(reply("fly to the moon"))
+            else:
+                out.append(reply(info["gold"] or info["admissible"][0]))
+        return out
+    return act
+
+
+def settings(tmp_path, **kw) -> collect.Settings:
+    base = dict(model="tiny", rollouts=1, max_steps=3, max_new_tokens=8, batch_size=4, out_dir=str(tmp_path / "out"))
+    return collect.Settings(**{**base, **kw})
+
+
+def check_outputs(s: collect.Settings) -> tuple[list[dict], list[dict]]:
+    """Every file valid; the triples are exactly the valid steps of the episodes, lined up with them."""
+    out = Path(s.out_dir)
+    episodes = read_jsonl(out / "episodes.jsonl", required=EPISODE_KEYS)
+    triples = read_jsonl(out / "triples.jsonl", required=TRIPLE_KEYS)
+    assert json.loads((out / "config.json").read_text())["seed"] == s.seed
+    assert len({(e["task_id"], e["rollout"]) for e in episodes}) == len(episodes)
+    by_id = {t["id"]: t for t in triples}
+    assert len(by_id) == len(triples)
+    n_steps = n_invalid = 0
+    for e in episodes:
+        assert "error" not in e, e["error"]
+        assert e["n_steps"] == len(e["steps"]) <= s.max_steps and e["env"] == s.env and e["split"] == s.split
+        assert e["success"] == (e["steps"][-1]["done"] and e["success"])  # a win ends the episode
+        for t, step in enumerate(e["steps"]):
+            assert set(step) >= STEP_KEYS and "sample" not in step
+            if t + 1 < len(e["steps"]):
+                assert e["steps"][t + 1]["obs"] == step["next_obs"]
+            n_steps += 1
+            triple_id = f"{e['task_id']}#{e['rollout']}#{t}"
+            if not step["valid"]:
+                n_invalid += 1
+                assert triple_id not in by_id
+                continue
+            tr = by_id.pop(triple_id)
+            assert (tr["state"], tr["action"], tr["next_state"]) == (step["obs"], step["action"], step["next_obs"])
+            assert tr["history"] == [{"obs": p["obs"], "action": p["action"]}
+                                     for p in e["steps"][max(0, t - s.history):t]]
+            assert (tr["env"], tr["task_id"], tr["instruction"], tr["next_kind"]) == (
+                e["env"], e["task_id"], e["instruction"], "obs")
+    assert not by_id  # no triple without its step
+    train = read_jsonl(out / "triples_train.jsonl")
+    val = read_jsonl(out / "triples_val.jsonl")
+    assert sorted(t["id"] for t in train + val) == sorted(t["id"] for t in triples)
+    assert not {t["task_id"] for t in train} & {t["task_id"] for t in val}
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["episodes"] == len(episodes) and stats["env_steps"] == n_steps
+    assert stats["triples_kept"] == len(triples) == n_steps - n_invalid == n_steps - stats["triples_dropped"]
+    assert stats["invalid_action_rate"] == pytest.approx(n_invalid / n_steps)
+    assert stats["success_rate"] == pytest.approx(sum(e["success"] for e in episodes) / len(episodes))
+    return episodes, triples
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The loop on a fake env: batching, robustness
+
+class FakeEnv:
+    """Task "n<k>" ends after k steps; "boom" raises at its 2nd step; "broken" raises at reset;
+    "die" kills its worker process at the 1st step."""
+
+    def reset(self, task_id):
+        if task_id == "broken":
+            raise RuntimeError("cannot load this game")
+        self.task, self.t = task_id, 0
+        return f"{task_id} start", {"instruction": f"finish {task_id}", "admissible": ["go", "wait"], "gold": "go"}
+
+    def step(self, action):
+        self.t += 1
+        if self.task == "boom" and self.t == 2:
+            raise RuntimeError("engine crashed")
+        if self.task == "die":
+            os._exit(3)
+        done = self.task.startswith("n") and self.t >= int(self.task[1:])
+        return f"{self.task} t{self.t}", float(done), done, {"won": done, "valid": action in ("go", "wait"),
+                                                             "admissible": ["go", "wait"], "gold": "go"}
+
+    def close(self):
+        pass
+
+
+class FakeSuite:
+    task_ids = []
+
+    def make(self):
+        return FakeEnv()
+
+
+def test_live_episodes_generate_together_and_new_jobs_take_free_slots():
+    calls = []
+
+    def act(messages_list, infos):
+        calls.append(len(messages_list))
+        return [reply("go") for _ in infos]
+
+    jobs = [("n1", 0), ("n3", 0), ("n2", 0), ("n1", 1), ("n2", 1)]
+    episodes = run_episodes(act, FakeSuite(), jobs, env="fake", split="x", batch_size=3)
+    # turn 1: n1 n3 n2 act (n1 ends); turn 2: n3 n2 (n2 ends, n1#1 loaded meanwhile); turn 3: n3 n1#1 (both end,
+    # n2#1 loaded); turns 4-5: n2#1 alone
+    assert calls == [3, 2, 2, 1, 1]
+    assert [(e["task_id"], e["rollout"], e["n_steps"], e["success"]) for e in episodes] == [
+        ("n1", 0, 1, True), ("n3", 0, 3, True), ("n2", 0, 2, True), ("n1", 1, 1, True), ("n2", 1, 2, True)]
+    assert all(isinstance(st["sample"], Sample) for e in episodes for st in e["steps"])
+
+
+def test_garbage_replies_are_invalid_and_a_broken_env_fails_only_its_episode():
+    garbage = ["", "<action>", "<action>GO</action>", "<action>go\nwait</action>", "\x00" * 1000, "<action>gö</action>",
+               "<action>jump</action>"]
+    rng = random.Random(0)
+    done_order = []
+
+    def act(messages_list, infos):
+        return [Sample([], [], rng.choice(garbage), [], False) for _ in infos]
+
+    jobs = [("n4", 0), ("boom", 0), ("broken", 0), ("n2", 0)]
+    episodes = run_episodes(act, FakeSuite(), jobs, env="fake", split="x", batch_size=2, max_steps=3,
+                            on_done=lambda e: done_order.append(e["task_id"]))
+    n4, boom, broken, n2 = episodes
+    assert sorted(done_order) == sorted(t for t, _ in jobs)
+    assert "error" not in n4 and n4["n_steps"] == 3 and not n4["success"]  # cut at max_steps, env not done
+    assert not n4["steps"][-1]["done"]
+    assert "engine crashed" in boom["error"] and boom["n_steps"] == 1 and not boom["success"]
+    assert "cannot load" in broken["error"] and broken["steps"] == [] and not broken["success"]
+    assert "error" not in n2
+    for e in (n4, n2):
+        for st in e["steps"]:  # "<action>GO</action>" lowercases to the admissible "go": the only valid reply
+            assert st["valid"] == (st["response"] == "<action>GO</action>")
+
+
+def test_a_crashed_worker_fails_its_episode_and_the_run_goes_on():
+    episodes = run_episodes(expert, FakeSuite(), [("n2", 0), ("die", 0), ("n3", 0)], env="fake", split="x",
+                            n_workers=2, batch_size=3)
+    assert [e.get("error") is None for e in episodes] == [True, False, True]
+    assert "worker" in episodes[1]["error"] and [e["success"] for e in episodes] == [True, False, True]
+
+
+class FakeTau2Env:
+    """τ²'s shape: no admissible list, a system prompt and user info at reset, next_kind "tool" | "user"."""
+
+    def reset(self, task_id):
+        self.t = 0
+        return "user: where is my order?", {"instruction": "help the user", "admissible": None, "gold": None,
+                                            "task_type": "retail", "next_kind": "user", "system_prompt": "SYS POLICY",
+                                            "user_info": "name: Ann"}
+
+    def step(self, action):
+        self.t += 1
+        tool = action.startswith("{")
+        obs = 'tool: {"order_id": "#W1", "items": [{"price": 10.5}]}' if tool else "user: thanks"
+        return obs, float(self.t == 3), self.t == 3, {"won": self.t == 3, "valid": bool(action), "admissible": None,
+                                                      "gold": None, "next_kind": "tool" if tool else "user"}
+
+    def close(self):
+        pass
+
+
+class FakeTau2Suite(FakeSuite):
+    def make(self):
+        return FakeTau2Env()
+
+
+def test_tau2_shaped_env_system_prompt_kinds_and_masked_tool_replies():
+    replies = ['<action>{"name": "Get_Order", "arguments": {"order_id": "#W1"}}</action>',
+               "<action>It costs 10.5 USD.</action>", "no tags at all"]
+    prompts = []
+
+    def act(messages_list, infos):
+        prompts.append(messages_list[0][0]["content"])
+        return [Sample([], [], replies[len(prompts) - 1], [], True)]
+
+    (episode,) = run_episodes(act, FakeTau2Suite(), [("retail/1", 0)], env="tau2", split="train", history=5)
+    assert all(p.startswith("SYS POLICY") for p in prompts) and "user: thanks" in prompts[2]
+    assert [st["valid"] for st in episode["steps"]] == [True, True, False] and episode["success"]
+    assert episode["steps"][0]["action"] == '{"name": "Get_Order", "arguments": {"order_id": "#W1"}}'  # case kept
+    tool, user = episode_triples(episode, history=5)
+    assert (tool["next_kind"], user["next_kind"]) == ("tool", "user")
+    assert json.loads(tool["next_state"].removeprefix("tool: ")) == {"type": "object", "properties": {
+        "order_id": {"type": "string"}, "items": {"type": "array", "items": {"type": "object", "properties": {
+            "price": {"type": "number"}}}}}}
+    assert tool["meta"]["raw_next_state"] == episode["steps"][0]["next_obs"] and user["next_state"] == "user: thanks"
+    assert user["history"] == [{"obs": "user: where is my order?", "action": episode["steps"][0]["action"]}]
+    assert tool["meta"]["system_prompt"] == "SYS POLICY" and tool["meta"]["user_info"] == "name: Ann"
+
+
+def test_merge_keeps_one_row_per_pair_and_a_retry_replaces_a_failed_row(tmp_path):
+    row = {"task_id": "a", "rollout": 0, "steps": [], "n_steps": 0, "success": False}
+    (tmp_path / "episodes.jsonl").write_text(json.dumps({**row, "error": "boom"}) + "\n" + json.dumps(
+        {**row, "task_id": "b"}) + "\n")
+    (tmp_path / "episodes.rank1.jsonl").write_text(json.dumps({**row, "success": True}) + "\n" + '{"task_id": "c", "ro')
+    merged = collect.merge_episodes(tmp_path)
+    assert [(e["task_id"], e["success"], "error" in e) for e in merged] == [("a", True, False), ("b", False, False)]
+    assert not list(tmp_path.glob("episodes.rank*")) and read_jsonl(tmp_path / "episodes.jsonl") == merged
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Real envs
+
+def test_tiny_model_on_textworld_express_writes_valid_files_reproducibly(tmp_path):
+    s = settings(tmp_path, env="twx", split="train", n_tasks=2, rollouts=2, max_steps=2)
+    collect.main(s)
+    episodes, _ = check_outputs(s)
+    assert len(episodes) == 4 and {e["task_type"] for e in episodes} <= {"cookingworld", "twc", "coin"}
+    again = settings(tmp_path, env="twx", split="train", n_tasks=2, rollouts=2, max_steps=2,
+                     out_dir=str(tmp_path / "again"))
+    collect.main(again)
+    assert read_jsonl(Path(again.out_dir) / "episodes.jsonl") == episodes  # same seed, same episodes
+
+
+def test_tiny_model_on_alfworld_writes_valid_files(tmp_path):
+    s = settings(tmp_path, env="alfworld", split="train", max_steps=2)
+    collect.main(s)
+    episodes, _ = check_outputs(s)
+    assert len(episodes) == 2 and all(e["task_type"] and e["instruction"] for e in episodes)
+    stats = json.loads((Path(s.out_dir) / "stats.json").read_text())
+    assert stats["this_run"]["episodes"] == 2 and stats["this_run"]["env_steps_per_s"] > 0
+
+
+def test_triples_line_up_with_episodes_and_invalid_steps_are_dropped(tmp_path):
+    s = settings(tmp_path, env="alfworld", split="valid_seen", max_steps=8, rollouts=2, history=2)
+    collect.main(s, act=mixed_actor())
+    episodes, triples = check_outputs(s)
+    invalid = [st for e in episodes for st in e["steps"] if not st["valid"]]
+    assert invalid and triples and len(triples) + len(invalid) == sum(e["n_steps"] for e in episodes)
+    assert all(st["next_obs"] == "Nothing happens." for st in invalid)  # the env still answered as ALFWorld does
+    assert {t["meta"]["task_type"] for t in triples} <= {"look_at_obj_in_light", "pick_two_obj_and_place"}
+    assert triples == [t for e in episodes for t in episode_triples(e, s.history)]
+
+
+@pytest.mark.parametrize("env,split,n_tasks", [("alfworld", "train", None), ("alfworld", "valid_unseen", None),
+                                               ("twx", "dev", 6)])
+def test_scripted_expert_wins_every_episode(tmp_path, env, split, n_tasks):
+    s = settings(tmp_path, env=env, split=split, n_tasks=n_tasks, max_steps=50, batch_size=8)
+    stats = collect.main(s, act=expert)
+    episodes, triples = check_outputs(s)
+    assert stats["success_rate"] == 1.0 and stats["invalid_action_rate"] == 0.0
+    assert len(triples) == sum(e["n_steps"] for e in episodes)
+
+
+def test_a_killed_run_resumes_without_duplicates(tmp_path):
+    s = settings(tmp_path, env="twx", split="train", n_tasks=4, rollouts=2, max_steps=4, batch_size=3)
+    calls = {"n": 0}
+    inner = mixed_actor(1)
+
+    def dies(messages_list, infos):  # Ctrl-C in the middle of generation, after some episodes finished
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return inner(messages_list, infos)
+
+    with pytest.raises(KeyboardInterrupt):
+        collect.main(s, act=dies)
+    path = Path(s.out_dir) / "episodes.jsonl"
+    saved = read_jsonl(path)
+    assert 0 < len(saved) < 8
+    with open(path, "a") as f:  # and the kill tore the line being written
+        f.write('{"env": "twx", "split": "train", "task_id": "coin-se')
+    stats = collect.main(s, act=mixed_actor(2))
+    episodes, _ = check_outputs(s)
+    assert len(episodes) == 8 and stats["this_run"]["episodes"] == 8 - len(saved)
+    assert all(e in episodes for e in saved)  # finished episodes are kept as they were
+    assert collect.main(s, act=mixed_actor(3))["this_run"]["episodes"] == 0  # nothing left to play
+    assert read_jsonl(path) == episodes
+
+
+def test_bad_settings_and_a_rerun_with_other_settings_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit, match="--rollouts must be >= 1"):
+        collect.main(settings(tmp_path, rollouts=0))
+    save_config(settings(tmp_path, max_steps=5), tmp_path / "out")
+    with pytest.raises(SystemExit, match="--max-steps 5 -> 3"):
+        collect.main(settings(tmp_path, env="twx", split="train"))
