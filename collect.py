@@ -26,8 +26,7 @@ from tqdm import tqdm
 
 from common import (MetricsLogger, append_jsonl, init_distributed, load_model, parse_settings, print0,
                     read_jsonl, read_jsonl_resumable, save_config, seed_everything, write_jsonl)
-from envs.base import make_env
-from rollout import episode_triples, model_actor, run_episodes, strip_samples
+from rollout import episode_triples, make_suite, model_actor, run_episodes, strip_samples
 
 
 @dataclass
@@ -39,13 +38,17 @@ class Settings:
     rollouts: int = field(default=3, metadata={"help": "episodes per task (paper: 3)"})
     max_steps: int = field(default=30, metadata={"help": "steps per episode (paper: 30)"})
     history: int = field(default=2, metadata={"help": "past turns in the prompt and the triple (paper: 2 "
-                                                      "ALFWorld, 5 τ²)"})
+                                                      "ALFWorld, 5 τ²: pass --history 5 with --env tau2)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (paper: 1.0)"})
     top_p: float = 1.0
     max_new_tokens: int = field(default=512, metadata={"help": "response length cap per step (paper: 512)"})
     n_tasks: int | None = field(default=None, metadata={"help": "a seeded sample of this many tasks (none = all)"})
     task_type: str | None = field(default=None, metadata={"help": "only tasks of this type (alfworld: e.g. "
-                                                                  "pick_and_place_simple; twx: a game, e.g. coin)"})
+                                                                  "pick_and_place_simple; twx: a game, e.g. coin; "
+                                                                  "tau2: a domain, airline | retail | telecom)"})
+    user_model: str = field(default="smollm2-135m", metadata={"help": "τ² user simulator: a local model (tiny | "
+                                                                      "smollm2-135m | HF id | path) or "
+                                                                      "litellm:<name>, e.g. litellm:gpt-4.1"})
     seed: int = 0
     out_dir: str = "runs/collect"
     batch_size: int = field(default=16, metadata={"help": "episodes played at once (one generate call per step)"})
@@ -58,7 +61,7 @@ class Settings:
 
 # settings that change what an episode is: a rerun into the same out_dir must keep them
 SAME_ON_RESUME = ("env", "split", "model", "max_steps", "history", "temperature", "top_p", "max_new_tokens",
-                  "task_type", "seed", "explore")
+                  "task_type", "seed", "explore", "user_model")
 
 
 def check_settings(s: Settings) -> None:
@@ -82,15 +85,6 @@ def check_resume(s: Settings, out: Path) -> None:
     if changed:
         raise SystemExit(f"{out} holds episodes made with other settings ({'; '.join(changed)}): "
                          "use another --out-dir or delete it")
-
-
-def make_suite(s: Settings):
-    kw = {}
-    if s.task_type is not None:  # alfworld: a task type; twx: a game (cookingworld | twc | coin)
-        if s.env not in ("alfworld", "twx"):
-            raise SystemExit(f"--task-type is not supported for --env {s.env}")
-        kw["task_types" if s.env == "alfworld" else "games"] = [s.task_type]
-    return make_env(s.env, s.split, **kw)
 
 
 def pick_tasks(task_ids: list[str], n_tasks: int | None, seed: int) -> list[str]:
@@ -172,7 +166,8 @@ def main(s: Settings, act=None) -> dict | None:
     if dist.is_initialized():
         dist.barrier()
     seed_everything(s.seed + d.rank)
-    suite = make_suite(s)
+    suite = make_suite(s.env, s.split, task_type=s.task_type, user_model=s.user_model, device=d.device,
+                       n_workers=s.n_workers)
     jobs = [(task_id, r) for task_id in pick_tasks(suite.task_ids, s.n_tasks, s.seed) for r in range(s.rollouts)]
     finished = {(e["task_id"], e["rollout"]) for e in read_jsonl(out / "episodes.jsonl") if "error" not in e}
     all_todo = [job for job in jobs if job not in finished]

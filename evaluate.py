@@ -50,6 +50,13 @@ class Settings:
     max_steps: int = field(default=30, metadata={"help": "paper: 30 at evaluation"})
     history: int = field(default=2, metadata={"help": "past turns in the agent prompt (paper: 2 ALFWorld, 5 τ²)"})
     n_workers: int = field(default=0, metadata={"help": "env worker processes (0 = in this process)"})
+    task_type: str | None = field(default=None, metadata={"help": "only tasks of this type (alfworld: e.g. "
+                                                                  "pick_and_place_simple; twx: a game; tau2: a "
+                                                                  "domain, airline | retail | telecom)"})
+    user_model: str = field(default="smollm2-135m", metadata={"help": "τ² user simulator: a local model (tiny | "
+                                                                      "smollm2-135m | HF id | path) or "
+                                                                      "litellm:<name> (paper's official eval: "
+                                                                      "litellm:gpt-4.1)"})
     # generation (agent and wm)
     temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
     top_p: float = 1.0
@@ -138,14 +145,21 @@ def agent_stats(episodes: list[dict]) -> dict:
     inefficient = sum(sum(inefficient_steps(e["steps"])) for e in episodes)
     lo, hi = wilson_interval(wins, n)
     rate = (lambda k: k / steps) if steps else (lambda k: None)
-    return {"n_episodes": n, "n_success": wins, "success": wins / n if n else None, "success_ci95": [lo, hi],
+    # τ² (paper §4: invalid tool calls per call): a tool call is a step the env took as one (next_kind "tool")
+    # with a non-empty action; an empty action (no <action> block) is a format error, counted in invalid_rate only
+    calls = [st for e in episodes for st in e["steps"] if st.get("next_kind") == "tool" and st["action"]]
+    bad_calls = sum(not st["valid"] for st in calls)
+    return {"n_episodes": n, "n_tasks": len({e.get("task_id") for e in episodes}), "n_success": wins,
+            "success": wins / n if n else None, "success_ci95": [lo, hi],
             "mean_steps": steps / n if n else None, "n_steps": steps, "invalid_rate": rate(invalid),
             "inefficient_rate": rate(inefficient), "invalid_or_inefficient_rate": rate(invalid + inefficient),
+            "n_tool_calls": len(calls), "invalid_tool_call_rate": bad_calls / len(calls) if calls else None,
             "n_errors": sum("error" in e for e in episodes)}
 
 
 def agent_results(episodes: list[dict]) -> dict:
-    """Pooled stats plus the same per task type (ALFWorld's 6 task types, τ²'s domains)."""
+    """Pooled stats plus the same per task type (ALFWorld's 6 task types, τ²'s domains). success is pass^1: the
+    mean over all n_episodes = n_tasks x trials (--rollouts) episodes."""
     groups = defaultdict(list)
     for e in episodes:
         groups[e.get("task_type") or "unknown"].append(e)
@@ -156,16 +170,15 @@ def evaluate_agent(s: Settings) -> dict:
     from tqdm import tqdm
 
     from collect import pick_tasks
-    from envs.base import make_env
-    from rollout import model_actor, run_episodes, strip_samples
+    from rollout import make_suite, model_actor, run_episodes, strip_samples
 
     if s.n_tasks is not None and s.n_tasks < 1 or s.rollouts < 1:
         raise SystemExit(f"--n-tasks ({s.n_tasks}) and --rollouts ({s.rollouts}) must be at least 1")
     out = Path(s.out_dir)
     check_resume(s, out, ("model", "env", "split", "max_steps", "history", "temperature", "top_p",
-                          "max_new_tokens", "seed"))
+                          "max_new_tokens", "seed", "task_type", "user_model"))
     save_config(s, out)
-    suite = make_env(s.env, s.split)
+    suite = make_suite(s.env, s.split, task_type=s.task_type, user_model=s.user_model, n_workers=s.n_workers)
     jobs = [(task_id, r) for task_id in pick_tasks(suite.task_ids, s.n_tasks, s.seed) for r in range(s.rollouts)]
     path = out / "episodes.jsonl"
     # a later row wins: an episode whose env crashed (episode["error"]) is played again and its new row replaces it
@@ -190,12 +203,16 @@ def evaluate_agent(s: Settings) -> dict:
         finally:
             bar.close()
         write_jsonl(path, list(done.values()))  # one row per (task, rollout): replayed crash rows replace the old
-    results = {"what": "agent", "model": s.model, "env": s.env, "split": s.split,
+    results = {"what": "agent", "model": s.model, "env": s.env, "split": s.split, "trials": s.rollouts,
                **agent_results([done[job] for job in jobs])}
     write_json(out / "results.json", results)
     ci = results["success_ci95"]
     print(f"success {results['success']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]  mean steps {results['mean_steps']:.1f}  "
           f"invalid {results['invalid_rate']:.3f}  inefficient {results['inefficient_rate']:.3f}  -> {out}")
+    for kind, r in results["by_task_type"].items():
+        bad_calls = "" if r["invalid_tool_call_rate"] is None else \
+            f"  invalid tool calls {r['invalid_tool_call_rate']:.3f} of {r['n_tool_calls']}"
+        print(f"  {kind}: success {r['success']:.3f} ({r['n_tasks']} tasks x {s.rollouts} trials){bad_calls}")
     return results
 
 

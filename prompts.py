@@ -7,6 +7,8 @@ ENV_INTRO = {
     "twx": "You are an expert agent playing a text-based game.",
 }
 
+ACTION_KINDS = {"tau2": ": either one tool call (only its JSON object) or your message to the user."}
+
 
 def _history_text(history: list[dict]) -> str:
     return "\n".join(f"[Observation {i + 1}: {h['obs']!r}, Action {i + 1}: {h['action']!r}]"
@@ -27,7 +29,8 @@ def agent_messages(instruction: str, history: list[dict], obs: str, admissible: 
                      ", ".join(repr(a) for a in admissible) + "].")
     parts.append("Now it's your turn to take an action. First reason step by step about the current situation "
                  "inside <think> </think> tags. Then give exactly one action for this step inside "
-                 "<action> </action> tags" + (", chosen from the admissible actions." if admissible else "."))
+                 "<action> </action> tags" + (", chosen from the admissible actions." if admissible else
+                                              ACTION_KINDS.get(env, ".")))
     return [{"role": "user", "content": "\n".join(parts)}]
 
 
@@ -69,9 +72,11 @@ WM_INSTRUCTION = ("Predict the immediate next observation the environment return
                   "First reason step by step inside <think> </think> tags, then give the predicted next "
                   "observation inside <next_state> </next_state> tags.")
 WM_INSTRUCTION_TAU2 = ("Predict the immediate next response to the potential assistant response: the tool's reply if "
-                       "it is a tool call, else the user's reply, and say whether the task is complete. First reason "
-                       "step by step inside <think> </think> tags, then give the predicted response and the task "
-                       "completion status inside <next_state> </next_state> tags.")
+                       "it is a tool call (as \"tool: \" + the JSON schema of the reply, values left out), else the "
+                       "user's reply (as \"user: \" + the message), and the task completion status after it. First "
+                       "reason step by step inside <think> </think> tags, then give inside <next_state> </next_state> "
+                       "tags the predicted response followed by a line \"Task status: completed\" if the "
+                       "conversation ends there or \"Task status: ongoing\" otherwise.")
 
 
 def wm_messages(triple: dict) -> list[dict]:

@@ -11,15 +11,44 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
-from common import Sample, chat_ids, generate
-from envs.base import EnvPool
+from common import Sample, chat_fn, chat_ids, generate, load_model
+from envs.base import EnvPool, make_env
 from prompts import agent_messages, parse_action
 
 # reset-info keys an episode keeps when the env gives them: the task type (per-type stats), and for τ² the agent
 # system prompt and the user's basic info, which the world-model prompt of its triples needs (paper App. C.1)
 EPISODE_INFO = ("task_type", "system_prompt", "user_info")
+# step-info keys a step keeps when the env gives them: τ²'s next_kind ("tool" | "user") and task_status
+# ("completed" | "ongoing"), which the world-model triple's next state carries (paper App. C.1)
+STEP_INFO = ("next_kind", "task_status")
+# --task-type picks tasks of one type: the keyword each env's suite takes it as
+TASK_TYPE_KW = {"alfworld": "task_types", "twx": "games", "tau2": "domain"}
 
 Act = Callable[[list[list[dict]], list[dict]], list[Sample]]
+
+
+def make_suite(env: str, split: str, *, task_type: str | None = None, user_model: str | None = None,
+               device=None, n_workers: int = 0, **kw):
+    """The env suite every script plays (collect, evaluate, train_rwml --task policy); kw go to make_env.
+
+    task_type: only tasks of this type (alfworld: a task type, e.g. pick_and_place_simple; twx: a game, e.g. coin;
+    tau2: a domain, airline | retail | telecom). user_model (τ² only, ignored elsewhere): the user simulator,
+    "litellm:<name>" for a hosted litellm model (e.g. litellm:gpt-4.1, needs its API key), anything else a local
+    model for common.load_model (tiny | smollm2-135m | HF id | path; default smollm2-135m) that answers greedily
+    in this process on `device`. A local user cannot be pickled into env workers, so it needs n_workers 0."""
+    if task_type is not None:
+        if env not in TASK_TYPE_KW:
+            raise SystemExit(f"--task-type is not supported for --env {env}")
+        kw[TASK_TYPE_KW[env]] = task_type if env == "tau2" else [task_type]
+    if env != "tau2":
+        return make_env(env, split, **kw)
+    user_model = user_model or "smollm2-135m"
+    if user_model.startswith("litellm:"):
+        return make_env(env, split, user_model=user_model.removeprefix("litellm:"), **kw)
+    if n_workers:
+        raise SystemExit(f"--env tau2 with the local user model {user_model!r} needs --n-workers 0 (the model "
+                         "lives in this process); a hosted user (--user-model litellm:<name>) runs in workers")
+    return make_env(env, split, user_llm=chat_fn(*load_model(user_model, device=device)), **kw)
 
 
 def recent(steps: list[dict], t: int, history: int) -> list[dict]:
@@ -60,10 +89,11 @@ def run_episodes(act: Act, suite, jobs: list[tuple[str, int]], *, env: str, spli
     holding "admissible" and "gold"). Episode: {"env", "split", "task_id", "instruction", "rollout", "model",
     "steps", "success", "n_steps"} (+ "task_type", "system_prompt", "user_info" when the env gives them, + "error"
     when it failed). Step: {"obs", "action", "response", "valid", "next_obs", "reward", "done", "sample"}
-    (+ "next_kind" when the env gives it: τ²'s "tool" | "user"); "sample" is the common.Sample (token ids and
-    sampler log-probs) and is not JSON: drop it before writing. valid = the reply parsed to an admissible action
-    AND the env accepted it; an invalid step still reaches the env, which answers as the game does. `done` is the
-    env's: an episode cut at max_steps ends with done False. on_done(episode) runs as each episode finishes.
+    (+ STEP_INFO keys when the env gives them: τ²'s next_kind and task_status); "sample" is the common.Sample
+    (token ids and sampler log-probs) and is not JSON: drop it before writing. valid = the reply parsed to an
+    admissible action AND the env accepted it; an invalid step still reaches the env, which answers as the game
+    does. `done` is the env's: an episode cut at max_steps ends with done False. on_done(episode) runs as each
+    episode finishes.
     """
     if not jobs:
         return []
@@ -111,8 +141,7 @@ def run_episodes(act: Act, suite, jobs: list[tuple[str, int]], *, env: str, spli
                 step = {"obs": state["obs"], "action": action, "response": sample.text,
                         "valid": parsed and bool(info.get("valid", True)), "next_obs": next_obs,
                         "reward": float(reward), "done": bool(done), "sample": sample}
-                if "next_kind" in info:
-                    step["next_kind"] = info["next_kind"]
+                step.update((k, info[k]) for k in STEP_INFO if k in info)
                 state["episode"]["steps"].append(step)
                 state["obs"], state["info"] = next_obs, info
                 if done or len(state["episode"]["steps"]) >= max_steps:
@@ -126,24 +155,31 @@ def strip_samples(episode: dict) -> dict:
 
 
 def wm_next_state(step: dict) -> tuple[str, dict]:
-    """A triple's next state and extra meta. τ² tool replies (paper App. C.1) are masked to their OpenAPI-style
-    schema, so the world model learns a reply's shape, not database values; the raw reply stays in meta."""
-    if step.get("next_kind") != "tool":
-        return step["next_obs"], {}
-    from envs.tau2 import mask_tool_reply
-    prefix, sep, reply = step["next_obs"].partition(": ")  # τ² observations read "tool: <reply>"
-    masked = f"{prefix}{sep}{mask_tool_reply(reply)}" if sep else mask_tool_reply(step["next_obs"])
-    return masked, {"raw_next_state": step["next_obs"]}
+    """A triple's next state and extra meta. τ² (paper App. C.1): tool replies are masked to their OpenAPI-style
+    schema, so the world model learns a reply's shape, not database values (the raw reply stays in meta), and
+    the state ends with the task-completion status the world model must also predict:
+    "user: <reply>\nTask status: ongoing" | "tool: <schema>\nTask status: completed"."""
+    next_state, extra = step["next_obs"], {}
+    if step.get("next_kind") == "tool":
+        from envs.tau2 import mask_tool_reply
+        prefix, sep, reply = next_state.partition(": ")  # τ² observations read "tool: <reply>"
+        next_state = f"{prefix}{sep}{mask_tool_reply(reply)}" if sep else mask_tool_reply(next_state)
+        extra["raw_next_state"] = step["next_obs"]
+    if "task_status" in step:
+        next_state += f"\nTask status: {step['task_status']}"
+    return next_state, extra
 
 
 def episode_triples(episode: dict, history: int) -> list[dict]:
-    """RWML triples (paper §2.2, DESIGN.md): one per VALID step, <last `history` turns, state, action, next state>.
-    The history counts every earlier step, invalid ones too: it is what the agent saw. id = task#rollout#t."""
+    """RWML triples (paper §2.2, DESIGN.md): one per VALID step that the env answered (τ² can end a conversation
+    with no reply, e.g. on the agent's `done` or at its step limit: nothing to predict), <last `history` turns,
+    state, action, next state>. The history counts every earlier step, invalid ones too: it is what the agent
+    saw (τ² uses 5 turns, ALFWorld 2: collect.py's --history). id = task#rollout#t."""
     steps = episode["steps"]
     context = {k: episode[k] for k in EPISODE_INFO if k in episode}
     triples = []
     for t, step in enumerate(steps):
-        if not step["valid"]:
+        if not step["valid"] or not step["next_obs"]:
             continue
         next_state, extra = wm_next_state(step)
         triples.append({

@@ -15,6 +15,9 @@ The episode also ends on the user's ###STOP### / ###TRANSFER### / ###OUT-OF-SCOP
 (τ²'s unit, as in its --max-steps: every message counts, agent, user and tool; the paper used 30, τ²'s official
 runs 100-200) or `max_errors` failed tool calls (τ²'s default 10). The reward is evaluate_simulation's on the
 finished SimulationRun, given on the last step; like τ², it is 0 unless the agent or the user stopped.
+Every step's info says task_status "completed" when the conversation ended there by the user's or the agent's stop
+(the status the world model predicts, paper App. C.1; it says nothing about success), else "ongoing" (a cut at a
+step or error limit is not in the conversation, so it stays "ongoing").
 
 Invalid actions never raise. A call τ² can run but that fails (unknown tool, bad or wrongly typed arguments) goes
 into the conversation and is answered by τ²'s env with its own "Error: ..." reply, as in the benchmark. A call τ²
@@ -60,8 +63,8 @@ from tau2.utils.utils import get_now
 
 DOMAINS = ("airline", "retail", "telecom")
 MAX_ARG_DEPTH = 32  # deeper arguments are rejected: τ² copies and serializes every message, failing past ~250
-TOOL_FORMAT = ('To call a tool, reply with only a JSON object {{"name": <tool name>, "arguments": {{<argument>: '
-               '<value>}}}}, one call per turn. Any other reply is {other}.')
+TOOL_FORMAT = ('To call a tool, {how} only a JSON object {{"name": <tool name>, "arguments": {{<argument>: '
+               '<value>}}}}, one call per turn. Any other {what} is {other}.')
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,10 +122,11 @@ def parse_tool_call(text: str) -> tuple[str, dict] | None:
     return call["name"], arguments
 
 
-def tools_prompt(schemas: list[dict], other: str) -> str:
-    """The tool list and call format appended to a system prompt (chat models without a tools API)."""
+def tools_prompt(schemas: list[dict], other: str, how: str = "reply with", what: str = "reply") -> str:
+    """The tool list and call format appended to a system prompt (chat models without a tools API). The user
+    simulator replies with the call itself; our agent writes it as its action (inside <action></action>)."""
     lines = "\n".join(json.dumps(s) for s in schemas)
-    return f"\n\n# Tools\n{TOOL_FORMAT.format(other=other)}\n<tools>\n{lines}\n</tools>"
+    return f"\n\n# Tools\n{TOOL_FORMAT.format(how=how, what=what, other=other)}\n<tools>\n{lines}\n</tools>"
 
 
 def _call_guard(name: str, arguments: dict) -> str | None:
@@ -238,7 +242,7 @@ class Tau2Env:
         info = {"instruction": AGENT_INSTRUCTION, "admissible": None, "gold": self._gold(),
                 "task_type": self.domain, "next_kind": "user", "tools": schemas,
                 "system_prompt": LLMAgent(agent.tools, agent.domain_policy).system_prompt
-                + tools_prompt(schemas, "sent to the user as your message"),
+                + tools_prompt(schemas, "sent to the user as your message", how="make your action", what="action"),
                 "user_info": _user_info(self.task),
                 "reply": first[-1].content if first else "", "done": self.orch.done}
         return _format(first), info
@@ -247,7 +251,7 @@ class Tau2Env:
         if self.orch is None:
             raise RuntimeError("call reset(task_id) first")
         info = {"won": False, "valid": True, "admissible": None, "gold": None, "next_kind": "user",
-                "tool_name": None, "reply": ""}
+                "tool_name": None, "reply": "", "task_status": "ongoing"}
         if self.orch.done:  # e.g. the user stopped before the agent's first turn: the action has no effect
             return "", self.result[0], True, {**self._end_info(), "valid": False}
         try:
@@ -374,7 +378,9 @@ class Tau2Env:
 
     def _end_info(self) -> dict:
         reward, checks = self.result
+        stopped = self.orch.termination_reason in (TerminationReason.USER_STOP, TerminationReason.AGENT_STOP)
         return {"won": reward == 1.0, "termination": self.orch.termination_reason.value,
+                "task_status": "completed" if stopped else "ongoing",
                 "user_error": self.user_error, **checks}
 
 

@@ -231,3 +231,113 @@ def test_mask_tool_reply():
     assert mask_tool_reply("Error: User not found") == "Error: User not found"
     assert mask_tool_reply("1024.0") == '{"type": "number"}'
     assert mask_tool_reply('"Transfer successful"') == '{"type": "string"}'
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline on τ²: collect -> filter -> train_rwml --task wm -> evaluate (wm, agent), tiny models throughout
+
+def gold_actor(messages_list, infos):
+    """Replays the env's next required call (info["gold"]) but every third turn (and once the calls run out)
+    writes to the user, so an episode holds both next kinds. A reset info (it has "instruction") restarts the
+    turn count; batch_size 1 keeps one episode live at a time."""
+    from common import Sample
+    out = []
+    for info in infos:
+        gold_actor.turn = 0 if "instruction" in info else gold_actor.turn + 1
+        action = info["gold"] if info["gold"] and gold_actor.turn % 3 != 2 else "Could you confirm your zip code?"
+        out.append(Sample([], [], f"<think>scripted</think><action>{action}</action>", [], True))
+    return out
+
+
+@pytest.mark.slow  # a tiny user LLM on τ²'s ~2k-token user prompts, tiny WM/agent on 5-8k-token prompts: ~60 s
+def test_collect_filter_train_evaluate_on_tau2(tmp_path):
+    import collect
+    import evaluate
+    import filter as wm_filter
+    import train_rwml
+    from common import read_jsonl
+
+    s = collect.Settings(env="tau2", split="train", task_type="retail", n_tasks=2, rollouts=1, max_steps=5,
+                         history=5, model="tiny", user_model="tiny", batch_size=1, val_frac=0.5,
+                         out_dir=str(tmp_path / "collect"))
+    stats = collect.main(s, act=gold_actor)
+    episodes = read_jsonl(tmp_path / "collect" / "episodes.jsonl")
+    triples = {t["id"]: t for t in read_jsonl(tmp_path / "collect" / "triples.jsonl")}
+    assert len(episodes) == 2 and stats["errors"] == 0
+    for e in episodes:
+        assert e["task_type"] == "retail" and "<policy>" in e["system_prompt"] and e["user_info"]
+        for t, step in enumerate(e["steps"]):
+            triple = triples.pop(f"{e['task_id']}#0#{t}", None)
+            if not step["valid"] or not step["next_obs"]:  # nothing to predict: no triple
+                assert triple is None
+                continue
+            assert triple["next_kind"] == step["next_kind"] == step["next_obs"].split(": ", 1)[0]
+            assert triple["state"] == step["obs"] and triple["action"] == step["action"]
+            assert triple["history"] == [{"obs": p["obs"], "action": p["action"]} for p in e["steps"][max(0, t - 5):t]]
+            reply, status = triple["next_state"].rsplit("\nTask status: ", 1)
+            assert status == ("completed" if step["task_status"] == "completed" else "ongoing")
+            if step["next_kind"] == "tool":  # masked to the schema; the raw reply stays in meta
+                assert triple["meta"]["raw_next_state"] == step["next_obs"]
+                assert json.loads(reply.removeprefix("tool: ")) == json.loads(mask_tool_reply(
+                    step["next_obs"].removeprefix("tool: ")))
+            else:
+                assert reply == step["next_obs"] and "raw_next_state" not in triple["meta"]
+            assert triple["meta"]["system_prompt"] == e["system_prompt"]
+            assert triple["meta"]["user_info"] == e["user_info"]
+    assert not triples
+    kinds = {t["next_kind"] for t in read_jsonl(tmp_path / "collect" / "triples.jsonl")}
+    assert kinds == {"tool", "user"}
+
+    # the filter (no SFT, K = 2) and one RWML step: τ² prompts are 5-8k tokens, so the prompt caps go up
+    data = tmp_path / "collect"
+    summary = wm_filter.main(["--triples", str(data / "triples_train.jsonl"), "--val-triples",
+                              str(data / "triples_val.jsonl"), "--model", "tiny", "--epochs", "0", "--k", "2",
+                              "--max-new-tokens", "8", "--max-prompt-tokens", "10000", "--reward-max-tokens", "512",
+                              "--out-dir", str(tmp_path / "filter")])
+    assert summary["triples"] == len(read_jsonl(data / "triples_train.jsonl")) and summary["tau_d_user"] == 0.15
+    assert set(summary["by_next_kind"]) <= {"tool", "user"}
+    ckpt = train_rwml.main(["--task", "wm", "--data", str(tmp_path / "filter" / "filtered.jsonl"), "--model", "tiny",
+                            "--max-steps", "1", "--prompts-per-step", "1", "--group-size", "2", "--gen-chunk", "1",
+                            "--max-new-tokens", "8", "--max-prompt-tokens", "10000", "--reward-max-tokens", "512",
+                            "--out-dir", str(tmp_path / "rwml")])
+    rows = read_jsonl(tmp_path / "rwml" / "metrics.jsonl")
+    assert ckpt is not None and any(r.get("step") == 1 for r in rows)
+
+    # evaluate the trained world model on the held-out triples and the tiny model as a τ² agent
+    wm = evaluate.main(["--what", "wm", "--model", str(ckpt), "--triples", str(data / "triples_val.jsonl"),
+                        "--max-new-tokens", "8", "--max-state-tokens", "512", "--out-dir", str(tmp_path / "eval_wm")])
+    assert wm["n"] == len(read_jsonl(data / "triples_val.jsonl")) and set(wm["by_next_kind"]) <= {"tool", "user"}
+    agent = evaluate.main(["--what", "agent", "--model", "tiny", "--env", "tau2", "--split", "test",
+                           "--task-type", "airline", "--n-tasks", "1", "--max-steps", "2", "--max-new-tokens", "8",
+                           "--history", "5", "--user-model", "tiny", "--out-dir", str(tmp_path / "eval_agent")])
+    assert agent["n_episodes"] == 1 and agent["trials"] == 1 and list(agent["by_task_type"]) == ["airline"]
+    assert agent["by_task_type"]["airline"]["n_tasks"] == 1 and agent["success"] == 0.0
+
+
+def test_invalid_tool_call_rate_counts_calls_only():
+    from evaluate import agent_results
+
+    def step(kind, action, valid):
+        return {"next_kind": kind, "action": action, "valid": valid, "next_obs": "", "obs": ""}
+
+    episodes = [{"task_id": "retail/1", "task_type": "retail", "success": True, "steps": [
+                    step("tool", call("get_user_details", {}), False), step("tool", call("a", {}), True),
+                    step("user", "hello", True), step("tool", "", False)]},  # "" = no <action>: format error
+                {"task_id": "airline/2", "task_type": "airline", "success": False, "steps": [
+                    step("tool", "{broken", False)]}]
+    r = agent_results(episodes)
+    assert (r["n_tool_calls"], r["invalid_tool_call_rate"]) == (3, 2 / 3) and r["invalid_rate"] == 3 / 5
+    assert r["by_task_type"]["retail"]["invalid_tool_call_rate"] == 0.5
+    assert r["by_task_type"]["airline"]["invalid_tool_call_rate"] == 1.0 and r["n_tasks"] == 2
+
+
+def test_make_suite_routes_the_user_simulator(monkeypatch):
+    import rollout
+    suite = rollout.make_suite("tau2", "test", task_type="airline", user_model="litellm:gpt-4.1")
+    assert suite.user_model == "gpt-4.1" and suite.user_llm is None and len(suite.task_ids) == 20
+    with pytest.raises(SystemExit, match="--n-workers 0"):
+        rollout.make_suite("tau2", "test", user_model="tiny", n_workers=2)
+    loaded = []
+    monkeypatch.setattr(rollout, "load_model", lambda name, device=None: loaded.append(name) or (None, None))
+    assert rollout.make_suite("tau2", "test", task_type="retail").user_llm is not None
+    assert loaded == ["smollm2-135m"]  # the offline default
