@@ -71,15 +71,21 @@ def _tiny_model(seed: int = 0):
     return model, tok
 
 
+def _is_model_dir(path: Path) -> bool:
+    """A HF model dir has weights beside config.json (a run dir's config.json holds its settings instead)."""
+    return (path / "config.json").exists() and any(f.suffix in (".safetensors", ".bin") for f in path.iterdir())
+
+
 def _resolve(name: str) -> str | Path:
     if name == "smollm2-135m":
         return _smollm2_dir()
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():  # a run dir: its merged LoRA model, else its newest checkpoint
+        if not _is_model_dir(path):  # a run dir: its merged LoRA model, else its newest checkpoint
             path = next((p for p in (path / "merged", latest_checkpoint(path / "ckpt")) if p and p.exists()), path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"model path {path} has no config.json; accepted: {', '.join(MODEL_NAMES)}")
+        if not _is_model_dir(path):
+            raise FileNotFoundError(f"{path} holds no model (config.json + *.safetensors) and no checkpoint; "
+                                    f"accepted: {', '.join(MODEL_NAMES)}")
         return path
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return name  # a Hugging Face id (needs the hub or its local cache)

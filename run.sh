@@ -36,8 +36,8 @@ fi
 if [ "$QUICK" = 1 ]; then
   OUT=${OUT:-runs/quick}
   COLLECT="--n-tasks 6 --rollouts 2 --max-steps 4 --max-new-tokens 64 --batch-size 12 --n-workers 2 --explore 0.5"
-  FILTER="--epochs 1 --k 2 --max-new-tokens 48 --micro-batch 4 --batch-size 8"
-  SFT="--epochs 1 --micro-batch 4 --batch-size 8"
+  FILTER="--epochs 1 --k 2 --max-new-tokens 48 --micro-batch 2 --batch-size 2"
+  SFT="--epochs 1 --micro-batch 2 --batch-size 2"
   RWML="--max-steps 3 --prompts-per-step 4 --group-size 4 --max-new-tokens 64 --micro-batch 8 --val-size 8 --val-every 3"
   POLICY="--env alfworld --max-steps 2 --prompts-per-step 2 --group-size 2 --max-env-steps 4 --max-new-tokens 64"
   EVAL="--n-tasks 3 --max-steps 6 --max-new-tokens 64 --batch-size 8"

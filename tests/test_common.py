@@ -181,3 +181,14 @@ def test_repeated_prompts_share_one_prefill_and_match_unshared(tiny):
         alone = common.generate(model, tok, [p], max_new_tokens=6, temperature=0.0)[0]
         assert s.prompt_ids == p and s.response_ids == alone.response_ids
         torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(alone.logprobs), atol=1e-5, rtol=0)
+
+
+def test_a_run_dir_loads_its_newest_checkpoint(tiny, tmp_path):
+    model, tok = tiny
+    (tmp_path / "config.json").write_text("{}")  # every run dir holds its settings as config.json
+    with pytest.raises(FileNotFoundError, match="holds no model"):
+        common.load_model(str(tmp_path))
+    common.save_checkpoint(tmp_path / "ckpt", 1, model, tok)
+    loaded, loaded_tok = common.load_model(str(tmp_path))
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert len(loaded_tok) == len(tok)
