@@ -261,6 +261,20 @@ class TokenLogprobs(nn.Module):
         return full, ent_full
 
 
+def wrap_for_training(lm, d: "Dist") -> TokenLogprobs:
+    """TokenLogprobs over the LM; under torchrun each decoder layer, then the wrapper (embeddings, lm_head) are
+    FSDP2-sharded, computing in bf16 on CUDA over fp32 master weights."""
+    scorer = TokenLogprobs(lm)
+    if d.world > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if d.device.type == "cuda" else MixedPrecisionPolicy()
+        for layer in lm.get_decoder().layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(scorer, mp_policy=mp)
+    return scorer
+
+
 def pack_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, device=None):
     """Right-padded [B, L] input_ids, attention_mask, and a loss mask over the response tokens only."""
     width = max(len(p) + len(r) for p, r in zip(prompt_ids, response_ids))
@@ -414,6 +428,11 @@ class MetricsLogger:
 
 # ----------------------------------------------------------------------------------------------------------
 # Settings: one dataclass per script, every field a --flag
+
+def flag(default, help: str = "", choices=None):
+    """A settings field with its --help text (and allowed values)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
 
 def parse_settings(cls, argv: list[str] | None = None):
     """Fields become --flags (bools: --x / --no-x). `--config file.json` sets defaults first; an unknown key

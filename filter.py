@@ -20,7 +20,7 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,39 +31,36 @@ import common
 import prompts
 
 
-def flag(default, help: str):
-    return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class Settings:
     """WM SFT (the paper's baseline) and the "too easy" filter (RWML §2.2)."""
-    triples: str = flag("runs/collect/triples_train.jsonl", "training triples (rows with kept=false are skipped)")
-    val_triples: str = flag("runs/collect/triples_val.jsonl", "validation triples: the filter model's SFT data")
-    out_dir: str = flag("runs/filter", "config.json, metrics.jsonl, ckpt/, scored/, filtered.jsonl, summary.json")
-    model: str = flag("smollm2-135m", "base model: tiny | smollm2-135m | HF id | path")
-    sft_only: bool = flag(False, "WM SFT baseline: SFT on --triples, save the checkpoint, stop")
-    seed: int = flag(0, "data order, sampling and the keep coin")
+    triples: str = common.flag("runs/collect/triples_train.jsonl", "training triples (rows with kept=false are skipped)")
+    val_triples: str = common.flag("runs/collect/triples_val.jsonl", "validation triples: the filter model's SFT data")
+    out_dir: str = common.flag("runs/filter", "config.json, metrics.jsonl, ckpt/, scored/, filtered.jsonl, summary.json")
+    model: str = common.flag("smollm2-135m", "base model: tiny | smollm2-135m | HF id | path")
+    sft_only: bool = common.flag(False, "WM SFT baseline: SFT on --triples, save the checkpoint, stop")
+    seed: int = common.flag(0, "data order, sampling and the keep coin")
     # stage 1: SFT (paper: 2 epochs, lr 2e-6, batch 32)
-    epochs: int = flag(2, "SFT epochs (0: score with the base model)")
-    lr: float = flag(2e-6, "AdamW learning rate (constant)")
-    batch_size: int = flag(32, "effective batch (triples per optimizer step, all ranks together)")
-    micro_batch: int = flag(4, "triples per forward/backward on one rank; accumulation fills the batch")
-    grad_clip: float = flag(1.0, "max global grad norm (0: off)")
-    max_prompt_tokens: int = flag(1500, "longer prompts are left-truncated (the oldest history goes first)")
-    save_every: int = flag(100, "optimizer steps between checkpoints")
+    epochs: int = common.flag(2, "SFT epochs (0: score with the base model)")
+    lr: float = common.flag(2e-6, "AdamW learning rate (constant)")
+    batch_size: int = common.flag(32, "effective batch (triples per optimizer step, all ranks together)")
+    micro_batch: int = common.flag(4, "triples per forward/backward on one rank; accumulation fills the batch")
+    grad_clip: float = common.flag(1.0, "max global grad norm (0: off)")
+    max_prompt_tokens: int = common.flag(1500, "longer prompts are left-truncated (the oldest history goes first)")
+    save_every: int = common.flag(100, "optimizer steps between checkpoints")
     # stage 2: the filter (paper: K 10, temperature 1.0, strict tau_d 0.1 ALFWorld / 0.15 τ², p 0.1)
-    k: int = flag(10, "predictions sampled per training triple")
-    temperature: float = flag(1.0, "sampling temperature of the predictions")
-    max_new_tokens: int = flag(256, "max tokens per prediction")
-    triples_per_chunk: int = flag(8, "triples scored together; their rows are appended as one resumable unit")
-    gen_batch_size: int = flag(32, "sequences per generate batch")
-    embedder: str = flag("minilm", "reward embedder: minilm | a sentence-transformers id")
-    tau_d: float = flag(0.1, "strict threshold on 1 - cos for observations (paper: 0.1 ALFWorld)")
-    tau_d_user: float = flag(0.15, "strict threshold for τ² user replies (paper: 0.15)")
-    reward_max_tokens: int = flag(100, "truncate states to this many embedder tokens (paper: 100 ALFWorld, 512 τ²)")
-    min_hits: int = flag(1, "a triple is easy when at least this many of its K predictions hit")
-    keep_p: float = flag(0.1, "probability of keeping an easy triple")
+    k: int = common.flag(10, "predictions sampled per training triple")
+    temperature: float = common.flag(1.0, "sampling temperature of the predictions")
+    max_new_tokens: int = common.flag(256, "max tokens per prediction")
+    triples_per_chunk: int = common.flag(8, "triples scored together; their rows are appended as one resumable unit")
+    gen_batch_size: int = common.flag(32, "sequences per generate batch")
+    embedder: str = common.flag("minilm", "reward embedder: minilm | a sentence-transformers id")
+    tau_d: float = common.flag(0.1, "strict threshold on 1 - cos for observations (paper: 0.1 ALFWorld)")
+    tau_d_user: float = common.flag(0.15, "strict threshold for τ² user replies (paper: 0.15)")
+    reward_max_tokens: int = common.flag(100, "truncate states to this many embedder tokens (paper: 100 ALFWorld, 512 τ²)")
+    min_hits: int = common.flag(1, "a triple is easy when at least this many of its K predictions hit")
+    keep_p: float = common.flag(0.1, "probability of keeping an easy triple")
 
 
 TRIPLE_KEYS = ("id", "env", "instruction", "history", "state", "action", "next_state", "next_kind")
@@ -129,19 +126,6 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name.split("_")[-1])  # step_000123
 
 
-def wrap_for_training(lm, d: common.Dist) -> common.TokenLogprobs:
-    """TokenLogprobs over the LM; under torchrun each decoder layer and then the wrapper (embeddings, lm_head)
-    are FSDP2-sharded, computing in bf16 on CUDA over fp32 master weights."""
-    scorer = common.TokenLogprobs(lm)
-    if d.world > 1:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if d.device.type == "cuda" else MixedPrecisionPolicy()
-        for layer in lm.get_decoder().layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(scorer, mp_policy=mp)
-    return scorer
-
 
 def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: common.MetricsLogger) -> Path:
     """Train, resuming from ckpt_root's latest checkpoint; -> the final checkpoint dir (on every rank)."""
@@ -160,7 +144,7 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
     # fp32 master weights: in bf16 an lr-2e-6 AdamW update is below the rounding step of most weights
     lm, tok = common.load_model(s.model, dtype=torch.float32, device=d.device)
     examples = sft_examples(tok, triples, s.max_prompt_tokens)
-    scorer = wrap_for_training(lm, d)
+    scorer = common.wrap_for_training(lm, d)
     opt = torch.optim.AdamW(scorer.parameters(), lr=s.lr, weight_decay=0.0)
     start = common.load_checkpoint(last, lm, opt)["step"] if last is not None else 0
     cuda_single = d.device.type == "cuda" and d.world == 1  # FSDP2's mixed precision covers world > 1

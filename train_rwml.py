@@ -28,7 +28,7 @@ import random
 import re
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,90 +42,87 @@ import rollout
 from kernels import group_advantages, grpo_loss
 
 
-def flag(default, help: str, choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
-
 
 @dataclass
 class Settings:
     """GRPO: RWML world-model training (--task wm) or policy RL on task success (--task policy)."""
-    task: str = flag("wm", "wm: predict next states (RWML); policy: act in --env for task success", ["wm", "policy"])
-    model: str = flag("smollm2-135m", "start: tiny | smollm2-135m | HF id | checkpoint dir (base, WM SFT, RWML)")
-    out_dir: str = flag("runs/rwml", "config.json, metrics.jsonl, ckpt/ (and merged/ with LoRA)")
-    seed: int = flag(0, "data order and sampling")
-    resume: bool = flag(False, "continue from out_dir/ckpt/latest (same settings)")
+    task: str = common.flag("wm", "wm: predict next states (RWML); policy: act in --env for task success", ["wm", "policy"])
+    model: str = common.flag("smollm2-135m", "start: tiny | smollm2-135m | HF id | checkpoint dir (base, WM SFT, RWML)")
+    out_dir: str = common.flag("runs/rwml", "config.json, metrics.jsonl, ckpt/ (and merged/ with LoRA)")
+    seed: int = common.flag(0, "data order and sampling")
+    resume: bool = common.flag(False, "continue from out_dir/ckpt/latest (same settings)")
     # --task wm data
-    data: str = flag("runs/filter/filtered.jsonl", "training triples JSONL (rows with kept=false are skipped)")
-    val_data: str = flag("", "held-out triples: accuracy every --val-every steps ('' = none)")
-    val_every: int = flag(10, "steps between held-out evaluations (and one at the end)")
-    val_size: int = flag(256, "held-out triples evaluated (0 = all)")
-    val_temperature: float = flag(0.0, "held-out sampling temperature (0 = greedy)")
-    max_prompt_tokens: int = flag(1500, "longer prompts are skipped when the data loads (counted), never truncated")
+    data: str = common.flag("runs/filter/filtered.jsonl", "training triples JSONL (rows with kept=false are skipped)")
+    val_data: str = common.flag("", "held-out triples: accuracy every --val-every steps ('' = none)")
+    val_every: int = common.flag(10, "steps between held-out evaluations (and one at the end)")
+    val_size: int = common.flag(256, "held-out triples evaluated (0 = all)")
+    val_temperature: float = common.flag(0.0, "held-out sampling temperature (0 = greedy)")
+    max_prompt_tokens: int = common.flag(1500, "longer prompts are skipped when the data loads (counted), never truncated")
     # --task policy
-    env: str = flag("alfworld", "policy env", ["alfworld", "twx", "tau2"])
-    split: str = flag("train", "env split the policy trains on")
-    max_env_steps: int = flag(15, "steps per training episode (paper: 15)")
-    history: int = flag(2, "past turns in the agent prompt (paper: 2 ALFWorld, 5 τ²)")
-    invalid_penalty: float = flag(0.1, "episode reward = won - penalty * invalid steps (paper: 0.1)")
-    env_workers: int = flag(0, "env worker processes (0 = in this process)")
-    user_model: str = flag("", "τ² user simulator: a local model (run here, greedy; '' = smollm2-135m) or "
+    env: str = common.flag("alfworld", "policy env", ["alfworld", "twx", "tau2"])
+    split: str = common.flag("train", "env split the policy trains on")
+    max_env_steps: int = common.flag(15, "steps per training episode (paper: 15)")
+    history: int = common.flag(2, "past turns in the agent prompt (paper: 2 ALFWorld, 5 τ²)")
+    invalid_penalty: float = common.flag(0.1, "episode reward = won - penalty * invalid steps (paper: 0.1)")
+    env_workers: int = common.flag(0, "env worker processes (0 = in this process)")
+    user_model: str = common.flag("", "τ² user simulator: a local model (run here, greedy; '' = smollm2-135m) or "
                                "litellm:<name> for a hosted one, e.g. litellm:gpt-4.1")
     # sampling
-    prompts_per_step: int | None = flag(None, "prompts (wm) / tasks (policy) per step over all ranks; "
+    prompts_per_step: int | None = common.flag(None, "prompts (wm) / tasks (policy) per step over all ranks; "
                                               "none = paper: 32 wm, 8 policy")
-    group_size: int = flag(8, "G responses (wm) or episodes (policy) per prompt (paper: 8)")
-    temperature: float = flag(1.0, "sampling temperature; the trainer scores at the same one (paper: 1.0)")
-    top_p: float = flag(1.0, "nucleus sampling; < 1 makes sampler and trainer log-probs differ (use --tis-cap)")
-    max_new_tokens: int = flag(512, "response cap per sample / per env step (paper: 512)")
-    gen_chunk: int = flag(4, "prompts per generate call, seeded by (seed, step, first prompt): any world size "
+    group_size: int = common.flag(8, "G responses (wm) or episodes (policy) per prompt (paper: 8)")
+    temperature: float = common.flag(1.0, "sampling temperature; the trainer scores at the same one (paper: 1.0)")
+    top_p: float = common.flag(1.0, "nucleus sampling; < 1 makes sampler and trainer log-probs differ (use --tis-cap)")
+    max_new_tokens: int = common.flag(512, "response cap per sample / per env step (paper: 512)")
+    gen_chunk: int = common.flag(4, "prompts per generate call, seeded by (seed, step, first prompt): any world size "
                              "whose per-rank prompt count it divides samples exactly the same")
     # optimisation
-    epochs: float = flag(2.0, "passes over the triples (wm) or tasks (policy); --max-steps overrides")
-    max_steps: int = flag(0, "training steps (0 = from --epochs)")
-    lr: float = flag(1e-6, "AdamW learning rate (paper: 1e-6)")
-    lr_schedule: str = flag("constant", "after warmup", ["constant", "cosine"])
-    warmup_steps: int = flag(0, "linear warmup, in optimizer steps")
-    weight_decay: float = flag(0.01, "AdamW weight decay (verl's default)")
-    grad_clip: float = flag(1.0, "max global grad norm (0 = off)")
-    ppo_epochs: int = flag(1, "optimizer steps on each batch (> 1: the clip and old log-probs matter)")
-    micro_batch: int = flag(8, "sequences per forward/backward (gradients accumulate over the whole batch)")
-    optim: str = flag("adamw", "adamw8bit = bitsandbytes AdamW8bit", ["adamw", "adamw8bit"])
-    grad_checkpointing: bool = flag(False, "recompute decoder activations in backward")
-    lora_rank: int = flag(0, "LoRA rank via peft on all linear layers (0 = full fine-tuning)")
-    lora_alpha: int = flag(32, "LoRA alpha")
+    epochs: float = common.flag(2.0, "passes over the triples (wm) or tasks (policy); --max-steps overrides")
+    max_steps: int = common.flag(0, "training steps (0 = from --epochs)")
+    lr: float = common.flag(1e-6, "AdamW learning rate (paper: 1e-6)")
+    lr_schedule: str = common.flag("constant", "after warmup", ["constant", "cosine"])
+    warmup_steps: int = common.flag(0, "linear warmup, in optimizer steps")
+    weight_decay: float = common.flag(0.01, "AdamW weight decay (verl's default)")
+    grad_clip: float = common.flag(1.0, "max global grad norm (0 = off)")
+    ppo_epochs: int = common.flag(1, "optimizer steps on each batch (> 1: the clip and old log-probs matter)")
+    micro_batch: int = common.flag(8, "sequences per forward/backward (gradients accumulate over the whole batch)")
+    optim: str = common.flag("adamw", "adamw8bit = bitsandbytes AdamW8bit", ["adamw", "adamw8bit"])
+    grad_checkpointing: bool = common.flag(False, "recompute decoder activations in backward")
+    lora_rank: int = common.flag(0, "LoRA rank via peft on all linear layers (0 = full fine-tuning)")
+    lora_alpha: int = common.flag(32, "LoRA alpha")
     # loss
-    agg: str = flag("token-mean", "loss aggregation over the global batch (paper: token-mean)",
+    agg: str = common.flag("token-mean", "loss aggregation over the global batch (paper: token-mean)",
                     ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-    clip_low: float = flag(0.2, "ratio clip below 1 (paper: 0.2)")
-    clip_high: float = flag(0.2, "ratio clip above 1 (paper: 0.2; DAPO: 0.28)")
-    beta: float | None = flag(None, "KL weight to the frozen start model; none = paper: 0.001 wm, 0.01 policy; "
+    clip_low: float = common.flag(0.2, "ratio clip below 1 (paper: 0.2)")
+    clip_high: float = common.flag(0.2, "ratio clip above 1 (paper: 0.2; DAPO: 0.28)")
+    beta: float | None = common.flag(None, "KL weight to the frozen start model; none = paper: 0.001 wm, 0.01 policy; "
                                     "0 = no reference model")
-    kl: str = flag("k3", "KL estimator: k3 = verl's low_var_kl, k1 = log-ratio, k2 = half squared log-ratio",
+    kl: str = common.flag("k3", "KL estimator: k3 = verl's low_var_kl, k1 = log-ratio, k2 = half squared log-ratio",
                    ["k1", "k2", "k3"])
-    adv_scale: str = flag("std", "advantage = (r - group mean) / group std, or r - group mean", ["std", "none"])
-    entropy_coef: float | None = flag(None, "entropy bonus; none = paper: 0 wm, 0.001 policy")
+    adv_scale: str = common.flag("std", "advantage = (r - group mean) / group std, or r - group mean", ["std", "none"])
+    entropy_coef: float | None = common.flag(None, "entropy bonus; none = paper: 0 wm, 0.001 policy")
     # reward (--task wm)
-    embedder: str = flag("minilm", "reward embedder: minilm | sentence-transformers id (paper: Qwen3-Embedding-8B)")
-    tau_d: float = flag(0.2, "reward 1 if 1 - cos < tau_d (paper: 0.2 ALFWorld)")
-    tau_d_user: float = flag(0.4, "tau_d for τ² user replies (paper: 0.4)")
-    reward_max_tokens: int = flag(100, "predictions and truths truncated before scoring (paper: 100 ALFWorld, 512 τ²)")
-    reward_mode: str = flag("binary", "binary (paper) | score (raw cosine)", ["binary", "score"])
+    embedder: str = common.flag("minilm", "reward embedder: minilm | sentence-transformers id (paper: Qwen3-Embedding-8B)")
+    tau_d: float = common.flag(0.2, "reward 1 if 1 - cos < tau_d (paper: 0.2 ALFWorld)")
+    tau_d_user: float = common.flag(0.4, "tau_d for τ² user replies (paper: 0.4)")
+    reward_max_tokens: int = common.flag(100, "predictions and truths truncated before scoring (paper: 100 ALFWorld, 512 τ²)")
+    reward_mode: str = common.flag("binary", "binary (paper) | score (raw cosine)", ["binary", "score"])
     # diagnostics (issue 12; README "Diagnostics")
-    tis_cap: float = flag(0.0, "truncated importance sampling: weight each token by min(pi_train/pi_rollout, C) "
+    tis_cap: float = common.flag(0.0, "truncated importance sampling: weight each token by min(pi_train/pi_rollout, C) "
                                "(0 = off)")
-    zero_var_std: float = flag(0.01, "a group whose reward std is below this carries no signal (zero-variance)")
-    drop_zero_var: bool = flag(False, "drop zero-variance groups from the batch (DAPO dynamic sampling)")
-    agree_tol: float = flag(0.02, "alarm when mean |logp_rollout - logp_train| exceeds this")
-    alarm_warmup: int = flag(3, "steps averaged as the start values the alarms compare with")
-    length_alarm: float = flag(3.0, "alarm when mean response length exceeds this multiple of its start")
-    rate_alarm: float = flag(0.25, "alarm when format-error / invalid-action rate rises this far above its start")
-    entropy_alarm: float = flag(0.1, "alarm when entropy falls below this fraction of its start")
-    zero_var_alarm: float = flag(0.9, "alarm when at least this fraction of groups is zero-variance")
-    generic_alarm: float = flag(0.3, "alarm when the most common prediction's share exceeds the most common "
+    zero_var_std: float = common.flag(0.01, "a group whose reward std is below this carries no signal (zero-variance)")
+    drop_zero_var: bool = common.flag(False, "drop zero-variance groups from the batch (DAPO dynamic sampling)")
+    agree_tol: float = common.flag(0.02, "alarm when mean |logp_rollout - logp_train| exceeds this")
+    alarm_warmup: int = common.flag(3, "steps averaged as the start values the alarms compare with")
+    length_alarm: float = common.flag(3.0, "alarm when mean response length exceeds this multiple of its start")
+    rate_alarm: float = common.flag(0.25, "alarm when format-error / invalid-action rate rises this far above its start")
+    entropy_alarm: float = common.flag(0.1, "alarm when entropy falls below this fraction of its start")
+    zero_var_alarm: float = common.flag(0.9, "alarm when at least this fraction of groups is zero-variance")
+    generic_alarm: float = common.flag(0.3, "alarm when the most common prediction's share exceeds the most common "
                                      "truth's by this much (generic world-model predictions, paper §3.4)")
-    max_nonfinite: int = flag(5, "stop after this many non-finite steps in a row (each one is skipped)")
+    max_nonfinite: int = common.flag(5, "stop after this many non-finite steps in a row (each one is skipped)")
     # checkpoints
-    save_every: int = flag(50, "steps between checkpoints (and one at the end)")
+    save_every: int = common.flag(50, "steps between checkpoints (and one at the end)")
 
 
 PAPER_DEFAULTS = {"wm": {"prompts_per_step": 32, "beta": 0.001, "entropy_coef": 0.0},
@@ -194,19 +191,6 @@ def sample_groups(gen_lm, tokenizer, prompt_ids: list[list[int]], keys: list[int
 
 # ----------------------------------------------------------------------------------------------------------
 # Model setup: the trained model (FSDP2 under torchrun), a generation copy, a frozen reference
-
-def wrap_for_training(lm, d: common.Dist) -> common.TokenLogprobs:
-    """TokenLogprobs over the LM; under torchrun each decoder layer, then the wrapper (embeddings, lm_head) are
-    FSDP2-sharded, computing in bf16 on CUDA over fp32 master weights."""
-    scorer = common.TokenLogprobs(lm)
-    if d.world > 1:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if d.device.type == "cuda" else MixedPrecisionPolicy()
-        for layer in lm.get_decoder().layers:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(scorer, mp_policy=mp)
-    return scorer
 
 
 @torch.no_grad()
@@ -563,7 +547,7 @@ def main(argv: list[str] | None = None) -> Path:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.train()
     gen_lm = lm if (d.world == 1 and d.device.type == "cpu") else copy.deepcopy(lm).to(compute_dtype)
-    scorer = wrap_for_training(lm, d)
+    scorer = common.wrap_for_training(lm, d)
     ref_scorer = common.TokenLogprobs(ref_lm) if ref_lm is not None else None
     hf_model = lm.get_base_model() if s.lora_rank else lm   # what checkpoints save (save_pretrained, HF keys)
 
