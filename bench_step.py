@@ -22,9 +22,11 @@ from pathlib import Path
 
 import common
 
-TRIPLES = [  # ALFWorld-like transitions (the shape of collect.py's triples.jsonl)
-    ("put a clean mug in coffeemachine", "You are in the middle of a room. Looking quickly around you, you see a "
-     "cabinet 1, a countertop 1, a sinkbasin 1, and a coffeemachine 1.", "go to countertop 1",
+TRIPLES = [  # ALFWorld-like transitions (the shape of collect.py's triples.jsonl): instruction, state, action, next
+    ("put a clean mug in coffeemachine",
+     ("You are in the middle of a room. Looking quickly around you, you see a cabinet 1, a countertop 1, "
+      "a sinkbasin 1, and a coffeemachine 1."),
+     "go to countertop 1",
      "You arrive at countertop 1. On the countertop 1, you see a mug 1, a knife 2, and a apple 3."),
     ("heat some egg and put it in garbagecan", "You arrive at fridge 1. The fridge 1 is closed.", "open fridge 1",
      "You open the fridge 1. The fridge 1 is open. In it, you see a egg 2, a lettuce 1, and a tomato 3."),
@@ -36,10 +38,12 @@ TRIPLES = [  # ALFWorld-like transitions (the shape of collect.py's triples.json
      "clean plate 1 with sinkbasin 1", "You clean the plate 1 using the sinkbasin 1."),
     ("put a keychain in safe", "You arrive at dresser 1. On the dresser 1, you see a keychain 3, a vase 2.",
      "take keychain 3 from dresser 1", "You pick up the keychain 3 from the dresser 1."),
-    ("cool some apple and put it in microwave", "You are carrying a apple 1. You arrive at fridge 1. The fridge 1 "
-     "is closed.", "cool apple 1 with fridge 1", "You cool the apple 1 using the fridge 1."),
-    ("find two pillow and put them in armchair", "You arrive at sofa 1. On the sofa 1, you see a pillow 1, a "
-     "pillow 2, and a remotecontrol 1.", "take pillow 1 from sofa 1", "You pick up the pillow 1 from the sofa 1."),
+    ("cool some apple and put it in microwave",
+     "You are carrying a apple 1. You arrive at fridge 1. The fridge 1 is closed.",
+     "cool apple 1 with fridge 1", "You cool the apple 1 using the fridge 1."),
+    ("find two pillow and put them in armchair",
+     "You arrive at sofa 1. On the sofa 1, you see a pillow 1, a pillow 2, and a remotecontrol 1.",
+     "take pillow 1 from sofa 1", "You pick up the pillow 1 from the sofa 1."),
 ]
 
 
@@ -76,7 +80,9 @@ def run_rwml(s: Settings, data: Path) -> dict:
                      "--micro-batch", str(s.micro_batch), "--gen-chunk", str(s.prompts), "--max-steps",
                      str(s.steps + 1), "--save-every", str(10**9), "--lr", "1e-6", "--beta", "0.001"])
     rows = common.read_jsonl(out / "metrics.jsonl")[-s.steps:]
-    mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in rows) / len(rows)
     return {"step": mean("time_step"), "generate": mean("time_generate"), "score": mean("time_score"),
             "train": mean("time_train"), "diag": mean("time_diag"), "resp_len": mean("resp_len"),
             "agree_max": max(r["agree_max"] for r in rows)}
@@ -123,8 +129,8 @@ def run_trl(s: Settings, data: Path) -> dict:
         def on_step_end(self, *a, **kw):
             step_times.append((time.perf_counter() - self.t, dict(timers)))
 
-    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=rwml_reward, args=args, train_dataset=ds, processing_class=tok,
-                          callbacks=[Clock()])
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=rwml_reward, args=args, train_dataset=ds,
+                          processing_class=tok, callbacks=[Clock()])
     for name, key in (("_generate", "generate"), ("_calculate_rewards", "score")):
         fn = getattr(trainer, name)
 
@@ -149,7 +155,7 @@ def child(s: Settings, side: str, data: Path) -> dict:
            "--group-size", str(s.group_size), "--max-new-tokens", str(s.max_new_tokens), "--micro-batch",
            str(s.micro_batch), "--steps", str(s.steps), "--out-dir", s.out_dir]
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **os.environ, "BENCH_CHILD": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])

@@ -9,7 +9,8 @@ import torch
 import common
 import train_rwml
 from prompts import extract_next_state
-from test_train import half_vocab_reward, metrics, peaked_model, small, toy_reward, write_triples  # noqa: F401
+from test_train import half_vocab_reward, metrics, save_peaked_tiny, small, toy_reward, write_triples
+from test_train import one_thread  # noqa: F401 -- the autouse fixture applies here too
 
 S = train_rwml.Settings()
 
@@ -17,6 +18,11 @@ S = train_rwml.Settings()
 @pytest.fixture(scope="module")
 def triples(tmp_path_factory):
     return write_triples(tmp_path_factory.mktemp("data") / "triples.jsonl", n=4)
+
+
+@pytest.fixture(scope="module")
+def peaked_model(tmp_path_factory) -> str:
+    return save_peaked_tiny(tmp_path_factory.mktemp("peaked"))
 
 
 def one_step(model, triples, out, *extra):
@@ -204,7 +210,8 @@ def wm(predict):
 
 
 def test_a_generic_predictor_raises_the_hacking_monitor():
-    row, alarms = wm(lambda truth, g: "You are in the middle of a room." if g % 2 else "you are in the middle of a room")
+    generic = ["You are in the middle of a room.", "you are in the middle of a room"]   # case/punctuation apart
+    row, alarms = wm(lambda truth, g: generic[g % 2])
     assert row["wm_identical_groups"] == 1.0 and row["wm_top_pred_share"] == 1.0
     assert row["wm_pred_words"] == 8 and row["wm_true_words"] > 8
     assert any("generic world-model predictions" in a for a in alarms)

@@ -18,6 +18,15 @@ ROOT = Path(__file__).resolve().parent.parent
 OBJECTS = ["apple", "mug", "book", "key", "pen", "cd", "bowl", "vase"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny-model steps are many small ops: one thread is as fast, and a busy machine cannot stall it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def write_triples(path: Path, n: int = 8) -> Path:
     with open(path, "w") as f:
         for i in range(n):
@@ -35,17 +44,20 @@ def triples(tmp_path_factory) -> Path:
     return write_triples(tmp_path_factory.mktemp("data") / "triples.jsonl")
 
 
-@pytest.fixture(scope="module")
-def peaked_model(tmp_path_factory) -> str:
+def save_peaked_tiny(path: Path) -> str:
     """The tiny model with its (tied) embeddings scaled x30: a peaked next-token distribution, so sampled tokens
     repeat and temperature matters (the random-init tiny model is almost uniform over 49k tokens)."""
-    path = tmp_path_factory.mktemp("peaked")
     lm, tok = common.load_model("tiny")
     with torch.no_grad():
         lm.get_input_embeddings().weight.mul_(30.0)
     lm.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def peaked_model(tmp_path_factory) -> str:
+    return save_peaked_tiny(tmp_path_factory.mktemp("peaked"))
 
 
 # A reward the tiny model can learn in a few dozen steps: the share of response tokens from the lower half of
@@ -74,7 +86,6 @@ def weights(ckpt: Path) -> dict:
     return load_file(ckpt / "model.safetensors")
 
 
-@pytest.mark.slow
 def test_mean_reward_rises(tmp_path, monkeypatch, triples, peaked_model):
     toy_reward(monkeypatch)
     train_rwml.main(small(peaked_model, triples, tmp_path, "--lr", "3e-2", "--max-steps", "20", "--save-every", "100"))
@@ -106,7 +117,6 @@ def test_wm_task_with_rwml_reward_writes_loadable_checkpoint(tmp_path, triples):
     assert not torch.equal(base.state_dict()["model.norm.weight"], trained["model.norm.weight"])
 
 
-@pytest.mark.slow
 def test_kill_and_resume_gives_the_uninterrupted_parameters(tmp_path, monkeypatch, triples):
     args = ["--lr", "1e-2", "--max-steps", "4", "--save-every", "2", "--tis-cap", "2"]
     toy_reward(monkeypatch)
@@ -203,7 +213,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch, triples, pe
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            "2", str(driver), *small(peaked_model, triples, tmp_path / "two", *args)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+                          check=False, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
@@ -217,7 +227,6 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch, triples, pe
     assert moved > 1e-3 and diff < 1e-5, (moved, diff)
 
 
-@pytest.mark.slow
 def test_policy_task_on_textworld_express(tmp_path):
     """Multi-turn GRPO: 2 tasks x 2 episodes of up to 3 steps, every step a training sample."""
     final = train_rwml.main(["--task", "policy", "--env", "twx", "--model", "tiny", "--out-dir", str(tmp_path),
