@@ -17,15 +17,15 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (MetricsLogger, append_jsonl, init_distributed, load_model, parse_settings, print0,
-                    read_jsonl, read_jsonl_resumable, save_config, seed_everything, write_jsonl)
+from common import (MetricsLogger, append_jsonl, check_resume, init_distributed, load_model, parse_settings, pick_tasks,
+                    print0, read_jsonl, read_jsonl_resumable, save_config, seed_everything, write_jsonl)
 from rollout import episode_triples, make_suite, model_actor, run_episodes, strip_samples
 
 
@@ -74,24 +74,6 @@ def check_settings(s: Settings) -> None:
         bad.append(f"--val-frac must be in [0, 1), got {s.val_frac}")
     if bad:
         raise SystemExit("; ".join(bad))
-
-
-def check_resume(s: Settings, out: Path) -> None:
-    path = out / "config.json"
-    if not path.exists():
-        return
-    old, new = json.loads(path.read_text()), asdict(s)
-    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {new[k]!r}" for k in SAME_ON_RESUME if old.get(k) != new[k]]
-    if changed:
-        raise SystemExit(f"{out} holds episodes made with other settings ({'; '.join(changed)}): "
-                         "use another --out-dir or delete it")
-
-
-def pick_tasks(task_ids: list[str], n_tasks: int | None, seed: int) -> list[str]:
-    """A seeded sample (sorted) so that a small run still mixes task types; all tasks when n_tasks is None."""
-    if n_tasks is None or n_tasks >= len(task_ids):
-        return list(task_ids)
-    return sorted(random.Random(seed).sample(list(task_ids), n_tasks))
 
 
 def merge_episodes(out: Path) -> list[dict]:
@@ -158,7 +140,7 @@ def main(s: Settings, act=None) -> dict | None:
     check_settings(s)
     d = init_distributed()
     out = Path(s.out_dir)
-    check_resume(s, out)
+    check_resume(s, out, SAME_ON_RESUME)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
         merge_episodes(out)  # folds in what a killed run left (and drops a torn last line)

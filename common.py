@@ -478,6 +478,26 @@ def save_config(settings, out_dir) -> None:
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(settings), indent=2) + "\n")
 
 
+def check_resume(settings, out_dir, keys: tuple[str, ...]) -> None:
+    """A rerun into out_dir may only continue a run made with the same `keys` settings (its config.json), or the
+    results would mix two experiments."""
+    path = Path(out_dir) / "config.json"
+    if not path.exists():
+        return
+    old, new = json.loads(path.read_text()), dataclasses.asdict(settings)
+    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {new[k]!r}" for k in keys if old.get(k) != new[k]]
+    if changed:
+        raise SystemExit(f"{out_dir} holds a run with other settings ({'; '.join(changed)}): "
+                         "use another --out-dir or delete it")
+
+
+def pick_tasks(task_ids: list[str], n_tasks: int | None, seed: int) -> list[str]:
+    """A seeded sample (sorted) so that a small run still mixes task types; all tasks when n_tasks is None."""
+    if n_tasks is None or n_tasks >= len(task_ids):
+        return list(task_ids)
+    return sorted(random.Random(seed).sample(list(task_ids), n_tasks))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: ckpt_root/step_000123/{model.safetensors, config.json, tokenizer..., trainer_state.pt}
 # written to a temp dir, renamed into place, then `latest` points at it.

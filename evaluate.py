@@ -25,13 +25,13 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from common import (append_jsonl, chat_ids, generate, load_model, parse_settings, read_jsonl, read_jsonl_resumable,
-                    save_config, seed_everything, write_jsonl)
+from common import (append_jsonl, chat_ids, check_resume, generate, load_model, parse_settings, pick_tasks, read_jsonl,
+                    read_jsonl_resumable, save_config, seed_everything, write_jsonl)
 
 
 @dataclass
@@ -85,18 +85,6 @@ def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
-
-
-def check_resume(s: Settings, out: Path, keys: tuple[str, ...]) -> None:
-    """A rerun may only continue a run made with the same settings, or the results would mix two experiments."""
-    old_path = out / "config.json"
-    if not old_path.exists():
-        return
-    old, new = json.loads(old_path.read_text()), asdict(s)
-    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {new[k]!r}" for k in keys if old.get(k) != new[k]]
-    if changed:
-        raise SystemExit(f"{out} holds a run with other settings ({'; '.join(changed)}): "
-                         f"use another --out-dir or delete it")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,7 +157,6 @@ def agent_results(episodes: list[dict]) -> dict:
 def evaluate_agent(s: Settings) -> dict:
     from tqdm import tqdm
 
-    from collect import pick_tasks
     from rollout import make_suite, model_actor, run_episodes, strip_samples
 
     if s.n_tasks is not None and s.n_tasks < 1 or s.rollouts < 1:
