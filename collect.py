@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (MetricsLogger, append_jsonl, check_resume, init_distributed, load_model, parse_settings, pick_tasks,
-                    print0, read_jsonl, read_jsonl_resumable, save_config, seed_everything, write_jsonl)
+from common import (MetricsLogger, Sample, append_jsonl, check_resume, init_distributed, load_model, parse_settings,
+                    pick_tasks, print0, read_jsonl, read_jsonl_resumable, save_config, seed_everything, write_jsonl)
 from rollout import episode_triples, make_suite, model_actor, run_episodes, strip_samples
 
 
@@ -124,14 +124,16 @@ def write_outputs(s: Settings, out: Path, episodes: list[dict], run: dict) -> di
 
 
 def explore_actor(act, p: float, rng: random.Random):
-    """Epsilon-greedy data collection: with probability p a step's reply is replaced by a random admissible action.
-    The transition stays real (the env answers it); only who chose the action changes. Marked in the reply."""
+    """Epsilon-greedy data collection: with probability p a step takes a random admissible action instead of the
+    model's reply. The transition stays real (the env answers it); only who chose the action changes (marked in
+    the reply). The model generates only for the steps that do not explore, so p = 1 needs no model at all."""
     def explore(messages_list, infos):
-        samples = act(messages_list, infos)
-        for sample, info in zip(samples, infos):
-            if info.get("admissible") and rng.random() < p:
-                sample.text = f"<think>explore</think><action>{rng.choice(info['admissible'])}</action>"
-        return samples
+        pick = [rng.choice(info["admissible"]) if info.get("admissible") and rng.random() < p else None
+                for info in infos]
+        asked = [i for i, a in enumerate(pick) if a is None]
+        replies = iter(act([messages_list[i] for i in asked], [infos[i] for i in asked]) if asked else [])
+        return [next(replies) if a is None else Sample([], [], f"<think>explore</think><action>{a}</action>", [], True)
+                for a in pick]
     return explore
 
 
@@ -157,6 +159,9 @@ def main(s: Settings, act=None) -> dict | None:
     print0(f"collect {s.model} on {s.env}/{s.split}: {len(jobs)} episodes, {len(jobs) - len(all_todo)} already "
            f"done, {len(all_todo)} to play on {d.world} rank(s)")
 
+    if act is None and s.explore >= 1 and s.env != "tau2":  # text games list admissible actions: all explore
+        def act(messages_list, infos):
+            raise RuntimeError("--explore 1 asked the model for a step without admissible actions")
     if act is None:
         model, tok = load_model(s.model, device=d.device)
         generator = torch.Generator(device=d.device).manual_seed(s.seed + d.rank)

@@ -311,3 +311,24 @@ def test_bad_settings_and_a_rerun_with_other_settings_are_clear_errors(tmp_path)
     save_config(settings(tmp_path, max_steps=5), tmp_path / "out")
     with pytest.raises(SystemExit, match="--max-steps 5 -> 3"):
         collect.main(settings(tmp_path, env="twx", split="train"))
+
+
+def test_explore_asks_the_model_only_for_steps_that_do_not_explore(tmp_path):
+    asked = []
+
+    def model(messages_list, infos):
+        asked.append(len(messages_list))
+        return [reply("look") for _ in messages_list]
+
+    infos = [{"admissible": ["look", "inventory"]}] * 40
+    half = collect.explore_actor(model, 0.5, random.Random(0))(["m"] * 40, infos)
+    assert len(half) == 40 and 0 < asked[0] < 40
+    assert sum(x.text.startswith("<think>explore") for x in half) == 40 - asked[0]
+    asked.clear()
+    everything = collect.explore_actor(model, 1.0, random.Random(0))(["m"] * 40, infos)
+    assert not asked and all(x.text.startswith("<think>explore") for x in everything)
+    # with --explore 1 on a text game collect.py plays without loading any model
+    s = settings(tmp_path, env="alfworld", split="train", max_steps=2, model="no-such-model", explore=1.0)
+    collect.main(s)
+    episodes, triples = check_outputs(s)
+    assert all(st["valid"] for e in episodes for st in e["steps"]) and len(triples) == 4
