@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import common
 import prompts
+import rollout
 
 
 
@@ -40,6 +41,9 @@ class Settings:
     out_dir: str = common.flag("runs/filter", "config.json, metrics.jsonl, ckpt/, scored/, filtered.jsonl, summary.json")
     model: str = common.flag("smollm2-135m", "base model: tiny | smollm2-135m | HF id | path")
     sft_only: bool = common.flag(False, "WM SFT baseline: SFT on --triples, save the checkpoint, stop")
+    format_episodes: str = common.flag("", "episodes.jsonl of text games: their valid steps add agent-format examples "
+                                       "(the prompt, the action taken) to the SFT; with random actions "
+                                       "(collect.py --explore 1) they teach the answer format, not the task")
     seed: int = common.flag(0, "data order, sampling and the keep coin")
     # stage 1: SFT (paper: 2 epochs, lr 2e-6, batch 32)
     epochs: int = common.flag(2, "SFT epochs (0: score with the base model)")
@@ -127,23 +131,36 @@ def checkpoint_step(path: Path) -> int:
 
 
 
+def format_examples(tokenizer, path: str) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, label ids) of the agent-format examples in an episodes.jsonl (rollout.format_examples)."""
+    pairs = [ex for e in common.read_jsonl(path, ("env", "instruction", "steps"))
+             for ex in rollout.format_examples(e, history=2)]
+    if not pairs:
+        raise SystemExit(f"--format-episodes {path}: no valid text-game steps with admissible actions")
+    return [(common.chat_ids(tokenizer, m), tokenizer(reply, add_special_tokens=False)["input_ids"]
+             + [tokenizer.eos_token_id]) for m, reply in pairs]
+
+
 def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: common.MetricsLogger) -> Path:
-    """Train, resuming from ckpt_root's latest checkpoint; -> the final checkpoint dir (on every rank)."""
+    """Train, resuming from ckpt_root's latest checkpoint; -> the final checkpoint dir (on every rank).
+    The examples: the triples' WM SFT pairs, then --format-episodes' agent-format pairs."""
     if s.batch_size % (s.micro_batch * d.world):
         raise ValueError(f"--batch-size {s.batch_size} must be a multiple of --micro-batch {s.micro_batch} "
                          f"x {d.world} rank(s)")
-    if s.epochs and len(triples) < s.batch_size:
-        raise ValueError(f"{len(triples)} SFT triples, fewer than --batch-size {s.batch_size}")
-    steps_per_epoch = len(triples) // s.batch_size  # the last partial batch of each epoch is dropped
+    # fp32 master weights: in bf16 an lr-2e-6 AdamW update is below the rounding step of most weights
+    lm, tok = common.load_model(s.model, dtype=torch.float32, device=d.device)
+    examples = sft_examples(tok, triples, s.max_prompt_tokens)
+    if s.format_episodes:
+        examples += format_examples(tok, s.format_episodes)
+    if s.epochs and len(examples) < s.batch_size:
+        raise ValueError(f"{len(examples)} SFT examples, fewer than --batch-size {s.batch_size}")
+    steps_per_epoch = len(examples) // s.batch_size  # the last partial batch of each epoch is dropped
     total = steps_per_epoch * s.epochs
     last = common.latest_checkpoint(ckpt_root)
     if last is not None and checkpoint_step(last) >= total:
         common.print0(f"SFT already done: {last}")
         return last
 
-    # fp32 master weights: in bf16 an lr-2e-6 AdamW update is below the rounding step of most weights
-    lm, tok = common.load_model(s.model, dtype=torch.float32, device=d.device)
-    examples = sft_examples(tok, triples, s.max_prompt_tokens)
     scorer = common.wrap_for_training(lm, d)
     opt = torch.optim.AdamW(scorer.parameters(), lr=s.lr, weight_decay=0.0)
     start = common.load_checkpoint(last, lm, opt)["step"] if last is not None else 0

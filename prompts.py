@@ -105,3 +105,8 @@ def extract_next_state(text: str) -> str:
 def wm_sft_target(next_state: str) -> str:
     """WM SFT label (paper's baseline): an empty thought, then the true next state."""
     return f"<think> </think>\n<next_state> {next_state} </next_state>"
+
+
+def format_reply(action: str) -> str:
+    """An agent reply in the answer format with an empty thought (the cold start's format-only label)."""
+    return f"<think> </think>\n<action> {action} </action>"

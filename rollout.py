@@ -13,7 +13,7 @@ from typing import Callable
 
 from common import Sample, chat_fn, chat_ids, generate, load_model
 from envs.base import EnvPool, make_env
-from prompts import agent_messages, parse_action
+from prompts import agent_messages, format_reply, parse_action
 
 # reset-info keys an episode keeps when the env gives them: the task type (per-type stats), and for τ² the agent
 # system prompt and the user's basic info, which the world-model prompt of its triples needs (paper App. C.1)
@@ -89,7 +89,8 @@ def run_episodes(act: Act, suite, jobs: list[tuple[str, int]], *, env: str, spli
     holding "admissible" and "gold"). Episode: {"env", "split", "task_id", "instruction", "rollout", "model",
     "steps", "success", "n_steps"} (+ "task_type", "system_prompt", "user_info" when the env gives them, + "error"
     when it failed). Step: {"obs", "action", "response", "valid", "next_obs", "reward", "done", "sample"}
-    (+ STEP_INFO keys when the env gives them: τ²'s next_kind and task_status); "sample" is the common.Sample
+    (+ STEP_INFO keys when the env gives them: τ²'s next_kind and task_status; + "admissible", the actions the
+    agent's prompt listed, in text games); "sample" is the common.Sample
     (token ids and sampler log-probs) and is not JSON: drop it before writing. valid = the reply parsed to an
     admissible action AND the env accepted it; an invalid step still reaches the env, which answers as the game
     does. `done` is the env's: an episode cut at max_steps ends with done False. on_done(episode) runs as each
@@ -141,6 +142,8 @@ def run_episodes(act: Act, suite, jobs: list[tuple[str, int]], *, env: str, spli
                 step = {"obs": state["obs"], "action": action, "response": sample.text,
                         "valid": parsed and bool(info.get("valid", True)), "next_obs": next_obs,
                         "reward": float(reward), "done": bool(done), "sample": sample}
+                if state["info"].get("admissible"):  # what the agent was offered: its prompt can be rebuilt
+                    step["admissible"] = state["info"]["admissible"]
                 step.update((k, info[k]) for k in STEP_INFO if k in info)
                 state["episode"]["steps"].append(step)
                 state["obs"], state["info"] = next_obs, info
@@ -190,3 +193,14 @@ def episode_triples(episode: dict, history: int) -> list[dict]:
             "meta": {"split": episode["split"], "rollout": episode["rollout"], "t": t, "model": episode["model"],
                      "reward": step["reward"], "done": step["done"], **context, **extra}})
     return triples
+
+
+def format_examples(episode: dict, history: int) -> list[tuple[list[dict], str]]:
+    """(agent prompt, reply) for every valid step of a text-game episode: the prompt the agent saw, rebuilt from
+    the episode, and the action it took in the answer format with an empty thought. On episodes of random
+    admissible actions (collect.py --explore 1) these teach the format and nothing about the task (the
+    miniature's cold start, run.sh --quick)."""
+    steps = episode["steps"]
+    return [(agent_messages(episode["instruction"], recent(steps, t, history), step["obs"], step["admissible"], t,
+                            episode["env"]), format_reply(step["action"]))
+            for t, step in enumerate(steps) if step["valid"] and step.get("admissible")]

@@ -231,3 +231,26 @@ def test_torchrun_two_ranks_match_one(filtered, data, tmp_path):
     one, _ = common.load_model(str(common.latest_checkpoint(filtered / "ckpt")))
     for (name, x), y in zip(two.state_dict().items(), one.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_format_episodes_add_agent_format_examples_that_carry_only_the_action_taken(data, tmp_path):
+    import collect
+    from prompts import parse_action
+    # random admissible actions on TextWorld-Express, no model: the cold start's format-only data
+    play = collect.Settings(env="twx", split="train", model="none", n_tasks=3, rollouts=1, max_steps=3, explore=1.0,
+                            out_dir=str(tmp_path / "twx"))
+    collect.main(play)
+    episodes = common.read_jsonl(tmp_path / "twx" / "episodes.jsonl")
+    _, tok = common.load_model("tiny")
+    examples = filt.format_examples(tok, str(tmp_path / "twx" / "episodes.jsonl"))
+    steps = [st for e in episodes for st in e["steps"]]
+    assert len(examples) == len(steps) == 9
+    for (prompt_ids, label_ids), step in zip(examples, steps):
+        prompt = tok.decode(prompt_ids)
+        assert step["obs"] in prompt and all(a in prompt for a in step["admissible"])
+        reply = tok.decode(label_ids, skip_special_tokens=True)
+        assert parse_action(reply, step["admissible"]) == (step["action"], True)
+        assert label_ids[-1] == tok.eos_token_id
+    out = tmp_path / "sft"
+    filt.main(flags(data, out, "--sft-only", "--format-episodes", str(tmp_path / "twx" / "episodes.jsonl")))
+    assert len(metrics(out, "sft")) == (12 + 9) // 4   # the WM triples and the agent examples together
