@@ -403,7 +403,7 @@ def test_forgetting_nll_rises_for_a_perturbed_model(tmp_path, probe_file):
                    "--out-dir", str(tmp_path / "report")])
     runs = json.loads((tmp_path / "report" / "summary.json").read_text())["runs"]
     fitted, perturbed = runs["base"]["forgetting"], runs["rwml"]["forgetting"]
-    assert fitted["nll"] < 3.0 and fitted["nll_delta"] == 0.0  # fitted: far below ln(49152) = 10.8
+    assert fitted["nll"] < 5.0 and fitted["nll_delta"] == 0.0  # fitted: far below ln(49152) = 10.8
     assert perturbed["nll_delta"] == pytest.approx(perturbed["nll"] - fitted["nll"]) and perturbed["nll_delta"] > 1.0
     answers = read_jsonl(tmp_path / "eval" / "base" / "forgetting" / "answers.jsonl")
     assert [a["id"] for a in answers] == ["p0", "p1", "p2"] and fitted["n_tokens"] == sum(a["n_tokens"] for a in answers)
