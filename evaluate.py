@@ -436,7 +436,7 @@ def model_weights(name: str) -> Mapping[str, torch.Tensor]:
     streamed tensor by tensor; any other name (tiny, a HF id) is loaded whole on CPU in fp32, so give a large base
     model as its local snapshot dir."""
     path = Path(name).expanduser()
-    if path.is_dir() or name == "smollm2-135m":
+    if name == "smollm2-135m" or path.is_dir() and not any(path.glob("*.safetensors")):
         path = Path(_resolve(name))
     if path.is_dir() and any(path.glob("*.safetensors")):
         return SafetensorsDir(path)
@@ -616,7 +616,7 @@ def metrics_rows(path: Path) -> list[dict]:
 
 CURVES = (("reward_mean", "training reward"), ("val_acc", "held-out WM accuracy"),
           ("zero_var_frac", "zero-variance groups"), ("kl", "KL to the reference"), ("entropy", "token entropy"),
-          ("resp_len", "response length (tokens)"))  # what says whether GRPO learns (README, Diagnostics)
+          ("resp_len", "response length, tokens"))  # what says whether GRPO learns (README, Diagnostics)
 
 
 def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:

@@ -186,8 +186,11 @@ def test_wm_accuracy_by_env_and_kind(tmp_path, triples_file, monkeypatch):
     res = json.loads((out / "results.json").read_text())
     assert res["accuracy"] == 0.5 and res["missing_rate"] == 0.0
     assert res["by_env"]["alfworld"]["accuracy"] == 0.5 and res["by_env"]["twx"]["accuracy"] == 0.0
-    assert res["by_next_kind"] == {"obs": {"n": 3, "accuracy": pytest.approx(1 / 3), "missing_rate": 0.0},
-                                   "user": {"n": 1, "accuracy": 1.0, "missing_rate": 0.0}}
+    assert res["by_next_kind"] == {"obs": {"n": 3, "k": 1, "ci95": list(wilson_interval(1, 3)),
+                                           "accuracy": pytest.approx(1 / 3), "missing_rate": 0.0},
+                                   "user": {"n": 1, "k": 1, "ci95": list(wilson_interval(1, 1)), "accuracy": 1.0,
+                                            "missing_rate": 0.0}}
+    assert res["k"] == 2 and res["ci95"] == list(wilson_interval(2, 4))
 
 
 def test_wm_eval_names_a_bad_triples_line(tmp_path):
@@ -262,6 +265,9 @@ def test_report_names_bad_input(tmp_path):
     write_results(tmp_path / "run" / "sampled", agent_result("alfworld", "valid_seen", 2, 10))
     with pytest.raises(SystemExit, match="both hold alfworld valid_seen agent results"):
         evaluate.main(["--what", "report", "--runs", f"x={tmp_path / 'run'}", "--out-dir", str(tmp_path / "r")])
+    write_jsonl(tmp_path / "m.jsonl", [{"step": 1, "loss": 0.5}])  # none of the six curves a reader needs
+    with pytest.raises(SystemExit, match="none of reward_mean, val_acc"):
+        evaluate.main(["--what", "report", "--curves", f"x={tmp_path / 'm.jsonl'}", "--out-dir", str(tmp_path / "r")])
 
 
 # ----------------------------------------------------------------------------------------------------------
