@@ -3,26 +3,37 @@
   agent    play an env split with the model as the agent (greedy, 30 steps, as the paper evaluates): success
            rate with a 95% Wilson interval, mean steps, invalid and inefficient action rates, overall and per
            task type. Resumable: episodes.jsonl grows one finished episode at a time, a rerun plays the rest.
-  wm       world-model accuracy on held-out triples (triples_val.jsonl) under the RWML reward, by env and next_kind.
+  wm       world-model accuracy on held-out triples (triples_val.jsonl, or a seeded sample of --n-triples) under
+           the RWML reward, with a 95% Wilson interval, by env and next_kind; predictions.jsonl keeps every answer.
   weights  the fraction of parameters a checkpoint changed against its base model (paper §4.2), per transformer
            layer and per module type.
-  report   markdown tables comparing runs side by side, and PNG plots of training curves and weight change.
+  forgetting  general ability in miniature (paper §4.2 measures it with MMLU & co.): mean per-token NLL of the
+           reference answers of a fixed probe (data/general_probe.jsonl) and how many greedy answers contain one.
+  arms     all of the above for several models in one process: each model and the reward embedder load once;
+           results land in out_dir/<arm>/<evaluation>/ and a rerun skips the evaluations already finished.
+  report   one table of every arm, the stage times, training curves, summary.json (+ the detailed tables).
 
-agent / wm / weights write out_dir/results.json (+ config.json); report reads every results.json under each run dir.
+agent / wm / weights / forgetting write out_dir/results.json (+ config.json); report reads every results.json under
+each run dir.
 
   python evaluate.py --what agent --model runs/rwml/ckpt/step_000100 --env alfworld --split valid_seen \
       --out-dir runs/eval/rwml/alfworld_valid_seen
   python evaluate.py --what wm --model runs/rwml/ckpt/step_000100 --triples runs/collect/triples_val.jsonl \
       --out-dir runs/eval/rwml/wm
   python evaluate.py --what weights --model runs/rwml/ckpt/step_000100 --base smollm2-135m --out-dir runs/eval/rwml/weights
+  python evaluate.py --what arms --arms base=smollm2-135m,rwml=runs/rwml --triples runs/collect/triples_val.jsonl \
+      --n-triples 200 --n-tasks 10 --out-dir runs/eval
   python evaluate.py --what report --runs base=runs/eval/base,rwml=runs/eval/rwml --curves rwml=runs/rwml \
-      --out-dir runs/report
+      --stages runs --out-dir runs/report
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import re
+import time
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,14 +41,17 @@ from pathlib import Path
 
 import torch
 
-from common import (append_jsonl, chat_ids, check_resume, generate, load_model, parse_settings, pick_tasks, read_jsonl,
-                    read_jsonl_resumable, save_config, seed_everything, write_jsonl)
+from common import (_resolve, append_jsonl, chat_ids, check_resume, generate, load_model, parse_settings, pick_tasks,
+                    read_jsonl, read_jsonl_resumable, save_config, seed_everything, sequence_logprobs, write_jsonl)
+
+PROBE = Path(__file__).resolve().parent / "data" / "general_probe.jsonl"
 
 
 @dataclass
 class Settings:
     """Evaluate a checkpoint (agent success, world-model accuracy, weight change) or write a report."""
-    what: str = field(default="agent", metadata={"choices": ["agent", "wm", "weights", "report"],
+    what: str = field(default="agent", metadata={"choices": ["agent", "wm", "weights", "forgetting", "arms",
+                                                             "report"],
                                                  "help": "what to evaluate"})
     model: str = field(default="smollm2-135m", metadata={"help": "tiny | smollm2-135m | HF id | checkpoint dir"})
     out_dir: str = "runs/eval"
@@ -64,7 +78,8 @@ class Settings:
     batch_size: int = 16
     # wm
     triples: str = field(default="", metadata={"help": "held-out triples JSONL (collect.py's triples_val.jsonl)"})
-    n_triples: int | None = field(default=None, metadata={"help": "the first N triples (none = all)"})
+    n_triples: int | None = field(default=None, metadata={"help": "a seeded random sample of this many triples "
+                                                                  "(none = all)"})
     embedder: str = field(default="minilm", metadata={"help": "minilm | sentence-transformers id (paper: "
                                                               "Qwen/Qwen3-Embedding-8B)"})
     tau_d: float = field(default=0.2, metadata={"help": "RWML threshold for observations (paper: 0.2 ALFWorld)"})
@@ -75,16 +90,43 @@ class Settings:
     base: str = field(default="", metadata={"help": "base model the checkpoint started from: a dir (streamed, "
                                                     "e.g. a 7B's local snapshot) or a name (loaded on CPU)"})
     eta: float = field(default=1e-3, metadata={"help": "relative change threshold (paper §4.2: 1e-3)"})
+    # forgetting
+    probe: str = field(default=str(PROBE), metadata={"help": "general-ability probe JSONL: id, prompt, answer (whose "
+                                                             "NLL is measured), accept (strings a correct greedy "
+                                                             "answer contains)"})
+    probe_max_new_tokens: int = field(default=32, metadata={"help": "greedy answer length for the contains check"})
+    # arms: every evaluation of several models in one process
+    arms: str = field(default="", metadata={"help": "name=model,... (names: base, wm_sft, rwml, policy, rwml_policy, "
+                                                    "wm_sft_policy); results in out_dir/<name>/<evaluation>/"})
+    evals: str = field(default="wm,forgetting,agent,weights", metadata={"help": "evaluations each arm runs"})
+    agent_splits: str = field(default="valid_seen,valid_unseen", metadata={"help": "env splits each arm plays"})
+    start_arm: str = field(default="base", metadata={"help": "the arm the others started from: its model is the "
+                                                             "default --base, and the report gives each arm's "
+                                                             "forgetting NLL as a change against it"})
     # report
     runs: str = field(default="", metadata={"help": "name=eval_dir,... : table rows, each from the results.json "
                                                     "files under eval_dir"})
     curves: str = field(default="", metadata={"help": "name=run_dir_or_metrics.jsonl,... : training curves to plot"})
+    stages: str = field(default="", metadata={"help": "the pipeline's out dir: its */DONE files (run.sh writes '<N> "
+                                                      "s') give the stage times"})
 
 
 def write_json(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
+
+
+def finished(s: Settings, keys: tuple[str, ...]) -> dict | None:
+    """The results.json of this evaluation when out_dir already holds it, finished with the same `keys` settings (a
+    rerun skips it); None when it still has to run. A run with other settings there is an error (check_resume)."""
+    out = Path(s.out_dir)
+    check_resume(s, out, keys)
+    path = out / "results.json"
+    if not path.exists():
+        return None
+    print(f"{s.what} eval of {s.model}: already done -> {out}")
+    return json.loads(path.read_text())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,7 +196,8 @@ def agent_results(episodes: list[dict]) -> dict:
     return {**agent_stats(episodes), "by_task_type": {k: agent_stats(v) for k, v in sorted(groups.items())}}
 
 
-def evaluate_agent(s: Settings) -> dict:
+def evaluate_agent(s: Settings, lm=None) -> dict:
+    """lm: a callable -> (model, tokenizer), called only when episodes are left to play (default: load s.model)."""
     from tqdm import tqdm
 
     from rollout import make_suite, model_actor, run_episodes, strip_samples
@@ -173,7 +216,7 @@ def evaluate_agent(s: Settings) -> dict:
     todo = [job for job in jobs if job not in done or "error" in done[job]]
     print(f"agent eval {s.model} on {s.env}/{s.split}: {len(jobs)} episodes, {len(jobs) - len(todo)} already done")
     if todo:
-        model, tok = load_model(s.model)
+        model, tok = (lm or (lambda: load_model(s.model)))()
         gen = torch.Generator(device=next(model.parameters()).device).manual_seed(s.seed)
         act = model_actor(model, tok, s.temperature, s.max_new_tokens, s.top_p, generator=gen)
         bar = tqdm(total=len(todo), desc=f"eval {s.env}/{s.split}", dynamic_ncols=True)
@@ -207,12 +250,17 @@ def evaluate_agent(s: Settings) -> dict:
 # World model: one prediction per held-out triple, scored by the RWML reward
 
 TRIPLE_KEYS = ("id", "env", "instruction", "history", "state", "action", "next_state", "next_kind")
+WM_KEYS = ("model", "triples", "n_triples", "seed", "temperature", "top_p", "max_new_tokens", "embedder", "tau_d",
+           "tau_d_user", "max_state_tokens")  # what a finished wm evaluation must share with a rerun to be reused
 
 
 def wm_stats(rows: list[dict]) -> dict:
-    """accuracy = mean reward (binary for observations and user replies; snapped ROUGE-L for τ² tool replies)."""
+    """accuracy = mean reward (binary for observations and user replies; snapped ROUGE-L for τ² tool replies);
+    k = triples with reward 1, and ci95 its Wilson interval (the same rate when there are no tool replies)."""
     n = len(rows)
-    return {"n": n, "accuracy": sum(r["reward"] for r in rows) / n if n else None,
+    k = sum(r["reward"] == 1.0 for r in rows)
+    return {"n": n, "k": k, "ci95": list(wilson_interval(k, n)),
+            "accuracy": sum(r["reward"] for r in rows) / n if n else None,
             "missing_rate": sum(r["prediction"] == "none" for r in rows) / n if n else None}
 
 
@@ -222,32 +270,107 @@ def wm_results(rows: list[dict]) -> dict:
     return {**wm_stats(rows), "by_env": by("env"), "by_next_kind": by("next_kind")}
 
 
-def evaluate_wm(s: Settings) -> dict:
-    from prompts import extract_next_state, wm_messages
+def sample_triples(triples: list[dict], n: int | None, seed: int) -> list[dict]:
+    """A seeded random sample of n triples in file order (all when n is None): the first N rows of a triples file
+    come from a few episodes of a few games, a sample spreads over all of them."""
+    return [triples[i] for i in pick_tasks(list(range(len(triples))), n, seed)]
+
+
+def make_reward(s: Settings):
     from rewards import WorldModelReward
+    return WorldModelReward(s.embedder, s.tau_d, s.max_state_tokens, tau_d_user=s.tau_d_user)
+
+
+def evaluate_wm(s: Settings, lm=None, reward=None) -> dict:
+    """lm: a callable -> (model, tokenizer), reward: a callable -> WorldModelReward, each called only if the
+    evaluation still has to run (defaults: load s.model, build the reward from s)."""
+    from prompts import extract_next_state, wm_messages
 
     if not s.triples:
         raise SystemExit("--what wm needs --triples (a triples JSONL, e.g. collect.py's triples_val.jsonl)")
+    if s.n_triples is not None and s.n_triples < 1:
+        raise SystemExit(f"--n-triples ({s.n_triples}) must be at least 1")
+    if done := finished(s, WM_KEYS):
+        return done
     out = Path(s.out_dir)
     save_config(s, out)
-    triples = read_jsonl(s.triples, required=TRIPLE_KEYS)
-    triples = triples[:s.n_triples]
-    model, tok = load_model(s.model)
+    triples = sample_triples(read_jsonl(s.triples, required=TRIPLE_KEYS), s.n_triples, s.seed)
+    model, tok = (lm or (lambda: load_model(s.model)))()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(s.seed)
+    t0 = time.perf_counter()
     samples = generate(model, tok, [chat_ids(tok, wm_messages(t)) for t in triples], s.max_new_tokens,
                        s.temperature, s.top_p, s.batch_size, generator=gen, progress=True)
-    del model  # the embedder needs the memory more now
-    reward = WorldModelReward(s.embedder, s.tau_d, s.max_state_tokens, tau_d_user=s.tau_d_user)
-    scores = reward([x.text for x in samples], triples).tolist()
+    time_generate = time.perf_counter() - t0
+    del model  # single evaluation: the embedder needs the memory more now (--what arms keeps it in lm)
+    scores = (reward or (lambda: make_reward(s)))()([x.text for x in samples], triples).tolist()
     rows = [{"id": t["id"], "env": t["env"], "next_kind": t["next_kind"], "reward": r,
              "prediction": extract_next_state(x.text), "next_state": t["next_state"], "response": x.text,
              "finished": x.finished} for t, x, r in zip(triples, samples, scores)]
     write_jsonl(out / "predictions.jsonl", rows)
     results = {"what": "wm", "model": s.model, "triples": s.triples, "embedder": s.embedder, "tau_d": s.tau_d,
-               "tau_d_user": s.tau_d_user, **wm_results(rows)}
+               "tau_d_user": s.tau_d_user, "seed": s.seed, "time_generate": time_generate,
+               "triples_per_s": len(rows) / time_generate, **wm_results(rows)}
     write_json(out / "results.json", results)
-    print(f"world-model accuracy {results['accuracy']:.3f} on {len(rows)} triples "
-          f"(missing <next_state>: {results['missing_rate']:.3f}) -> {out}")
+    lo, hi = results["ci95"]
+    print(f"world-model accuracy {results['accuracy']:.3f} ({results['k']}/{results['n']} right, 95% CI "
+          f"[{lo:.3f}, {hi:.3f}]; missing <next_state>: {results['missing_rate']:.3f}; "
+          f"{results['triples_per_s']:.2f} triples/s generated) -> {out}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forgetting in miniature: how well each model still answers a fixed set of general questions
+
+PROBE_KEYS = ("id", "prompt", "answer", "accept")
+FORGETTING_KEYS = ("model", "probe", "probe_max_new_tokens")
+
+
+def contains_answer(response: str, accept: list[str]) -> bool:
+    """Does the response hold one of the accepted answers as whole words (case-insensitive)? "7" is in "It is 7."
+    but not in "17"."""
+    text = response.lower()
+    return any(re.search(rf"(?<!\w){re.escape(a.lower())}(?!\w)", text) for a in accept)
+
+
+def probe_rows(model, tok, probe: list[dict], max_new_tokens: int, batch_size: int) -> list[dict]:
+    """Per question: the summed NLL of the reference answer after the chat prompt (teacher-forced, the way the
+    model would have to write it) and whether the model's own greedy answer contains an accepted string."""
+    prompts = [chat_ids(tok, [{"role": "user", "content": q["prompt"]}]) for q in probe]
+    answers = [tok(q["answer"], add_special_tokens=False)["input_ids"] for q in probe]
+    logps = sequence_logprobs(model, prompts, answers, pad_id=tok.pad_token_id, batch_size=batch_size)
+    samples = generate(model, tok, prompts, max_new_tokens, 0.0, batch_size=batch_size)
+    return [{"id": q["id"], "nll": -float(lp.sum()), "n_tokens": len(a), "response": x.text,
+             "correct": contains_answer(x.text, q["accept"])}
+            for q, a, lp, x in zip(probe, answers, logps, samples)]
+
+
+def forgetting_results(rows: list[dict]) -> dict:
+    """nll: mean per-token NLL over all reference-answer tokens pooled (lower = the general answers are still
+    likely); contains: greedy answers holding an accepted string, with a 95% Wilson interval."""
+    n_tokens = sum(r["n_tokens"] for r in rows)
+    k = sum(r["correct"] for r in rows)
+    return {"n": len(rows), "n_tokens": n_tokens, "nll": sum(r["nll"] for r in rows) / n_tokens,
+            "contains": {"k": k, "n": len(rows), "ci95": list(wilson_interval(k, len(rows)))}}
+
+
+def evaluate_forgetting(s: Settings, lm=None) -> dict:
+    """lm: a callable -> (model, tokenizer), called only if the evaluation still has to run."""
+    if done := finished(s, FORGETTING_KEYS):
+        return done
+    out = Path(s.out_dir)
+    save_config(s, out)
+    probe = read_jsonl(s.probe, required=PROBE_KEYS)
+    for n, q in enumerate(probe, 1):
+        if not (isinstance(q["accept"], list) and q["accept"] and all(isinstance(a, str) and a for a in q["accept"])):
+            raise ValueError(f"{s.probe}:{n}: accept must be a non-empty list of non-empty strings")
+    model, tok = (lm or (lambda: load_model(s.model)))()
+    rows = probe_rows(model, tok, probe, s.probe_max_new_tokens, s.batch_size)
+    write_jsonl(out / "answers.jsonl", rows)
+    results = {"what": "forgetting", "model": s.model, "probe": s.probe, **forgetting_results(rows)}
+    write_json(out / "results.json", results)
+    c = results["contains"]
+    print(f"general probe: NLL {results['nll']:.3f} per token over {results['n_tokens']} tokens, "
+          f"{c['k']}/{c['n']} greedy answers right -> {out}")
     return results
 
 
@@ -309,23 +432,84 @@ class SafetensorsDir(Mapping):
 
 
 def model_weights(name: str) -> Mapping[str, torch.Tensor]:
-    """A dir with safetensors is streamed tensor by tensor; a name (tiny, smollm2-135m, a HF id) is loaded whole
-    on CPU in fp32, so give a large base model as its local snapshot dir."""
+    """A model dir with safetensors (also a run dir: its newest checkpoint; smollm2-135m: its converted copy) is
+    streamed tensor by tensor; any other name (tiny, a HF id) is loaded whole on CPU in fp32, so give a large base
+    model as its local snapshot dir."""
     path = Path(name).expanduser()
+    if name == "smollm2-135m" or path.is_dir() and not any(path.glob("*.safetensors")):
+        path = Path(_resolve(name))
     if path.is_dir() and any(path.glob("*.safetensors")):
         return SafetensorsDir(path)
     return load_model(name, dtype=torch.float32, device="cpu")[0].state_dict()
 
 
-def evaluate_weights(s: Settings) -> dict:
+WEIGHTS_KEYS = ("model", "base", "eta")
+
+
+def evaluate_weights(s: Settings, base_weights=None) -> dict:
+    """base_weights: a callable -> the base's weights (default: model_weights(s.base)), called only if the
+    evaluation still has to run."""
     if not s.base:
         raise SystemExit("--what weights needs --base (the model the checkpoint was trained from)")
+    if done := finished(s, WEIGHTS_KEYS):
+        return done
     out = Path(s.out_dir)
     save_config(s, out)
-    results = {"what": "weights", "model": s.model, "base": s.base,
-               **weight_change(model_weights(s.base), model_weights(s.model), s.eta)}
+    base = (base_weights or (lambda: model_weights(s.base)))()
+    results = {"what": "weights", "model": s.model, "base": s.base, **weight_change(base, model_weights(s.model), s.eta)}
     write_json(out / "results.json", results)
     print(f"changed {results['overall']:.4f} of {results['n_params']:,} parameters (eta {s.eta}) -> {out}")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Arms: every evaluation of every model in one process
+
+EVALS = ("wm", "forgetting", "agent", "weights")
+
+
+def evaluate_arms(s: Settings) -> dict[str, dict]:
+    """For each arm, the --evals evaluations into out_dir/<arm>/{wm, forgetting, <env>_<split>, weights}/, the
+    layout --what report reads. Each arm's model is loaded once, and only if one of its evaluations still has to
+    run; the reward embedder is built once for all arms (its cache of the truths' embeddings with it), and so are
+    the base weights. The start arm (the model --base names) is not compared with itself."""
+    arms = [(name, str(model)) for name, model in parse_pairs(s.arms, "--arms")]
+    names = [name for name, _ in arms]
+    if not arms or len(set(names)) < len(names):
+        raise SystemExit(f"--arms: expected name=model,... with distinct names, got {s.arms!r}")
+    evals = [e.strip() for e in s.evals.split(",") if e.strip()]
+    if bad := [e for e in evals if e not in EVALS]:
+        raise SystemExit(f"--evals: unknown {bad}; choose from {', '.join(EVALS)}")
+    splits = [x.strip() for x in s.agent_splits.split(",") if x.strip()]
+    if "agent" in evals and not splits:
+        raise SystemExit("--evals agent needs --agent-splits (e.g. valid_seen,valid_unseen)")
+    base = s.base or dict(arms).get(s.start_arm, "")
+    if "weights" in evals and not base:
+        raise SystemExit(f"--evals weights needs --base or an arm named {s.start_arm!r} (--start-arm)")
+    if "wm" in evals and not s.triples:
+        raise SystemExit("--evals wm needs --triples (a triples JSONL, e.g. collect.py's triples_val.jsonl)")
+    out = Path(s.out_dir)
+    save_config(s, out)
+    reward = functools.cache(lambda: make_reward(s))
+    base_weights = functools.cache(lambda: model_weights(base))
+    results = {}
+    for name, model in arms:
+        lm = functools.cache(lambda model=model: load_model(model))
+
+        def sub(what: str, folder: str, **kw) -> Settings:
+            return dataclasses.replace(s, what=what, model=model, out_dir=str(out / name / folder), **kw)
+        got = {}
+        if "wm" in evals:
+            got["wm"] = evaluate_wm(sub("wm", "wm"), lm, reward)
+        if "forgetting" in evals:
+            got["forgetting"] = evaluate_forgetting(sub("forgetting", "forgetting"), lm)
+        if "agent" in evals:
+            for split in splits:
+                got[f"{s.env}/{split}"] = evaluate_agent(sub("agent", f"{s.env}_{split}", split=split), lm)
+        if "weights" in evals and model != base:
+            got["weights"] = evaluate_weights(sub("weights", "weights", base=base), base_weights)
+        lm.cache_clear()  # free this arm's model before the next one loads
+        results[name] = got
     return results
 
 
@@ -430,30 +614,31 @@ def metrics_rows(path: Path) -> list[dict]:
     return read_jsonl(path)
 
 
+CURVES = (("reward_mean", "training reward"), ("val_acc", "held-out WM accuracy"),
+          ("zero_var_frac", "zero-variance groups"), ("kl", "KL to the reference"), ("entropy", "token entropy"),
+          ("resp_len", "response length, tokens"))  # what says whether GRPO learns (README, Diagnostics)
+
+
 def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
-    """One panel per numeric metric key found in any run (x = "step" where logged, else the row number)."""
+    """One page, a panel per CURVES key with every run overlaid (x = "step" where logged, else the row number)."""
     import matplotlib.pyplot as plt
 
     def number(v) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-    keys = sorted({k for rows in curves.values() for row in rows for k, v in row.items()
-                   if number(v) and k not in ("step", "time")})
-    if not keys:
-        raise SystemExit(f"--curves: no numeric metrics in {', '.join(curves)}")
-    cols = min(3, len(keys))
-    nrows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3 * nrows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not any(number(row.get(key)) for rows in curves.values() for row in rows for key, _ in CURVES):
+        raise SystemExit(f"--curves: none of {', '.join(k for k, _ in CURVES)} logged in {', '.join(curves)}")
+    fig, axes = plt.subplots(2, 3, figsize=(13.5, 6.5))
+    for ax, (key, title) in zip(axes.flat, CURVES):
         for name, rows in curves.items():
             pts = [(row.get("step", i), row[key]) for i, row in enumerate(rows) if number(row.get(key))]
             if pts:
                 ax.plot(*zip(*pts), label=name, marker="." if len(pts) < 30 else None)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        if len(curves) > 1:
+        if ax.lines:
             ax.legend(fontsize=7)
-    for ax in axes.flat[len(keys):]:
-        ax.axis("off")
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_title(f"{title} ({key})", fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -482,6 +667,68 @@ def plot_weight_change(weights: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+def stage_times(run_dir: Path) -> dict[str, float]:
+    """{stage folder relative to run_dir: seconds} from every DONE file under run_dir (run.sh writes "<N> s" into
+    it when the stage ends), in the order the stages finished."""
+    times = {}
+    for f in sorted(run_dir.rglob("DONE"), key=lambda f: f.stat().st_mtime):
+        text = f.read_text().strip()
+        if not (m := re.fullmatch(r"(\d+(?:\.\d+)?) s", text)):
+            raise SystemExit(f"{f}: expected '<seconds> s' as run.sh writes it, got {text!r}")
+        times[f.parent.relative_to(run_dir).as_posix()] = float(m[1])
+    return times
+
+
+def interval(k: int, n: int, ci95) -> dict:
+    return {"k": k, "n": n, "ci95": list(ci95)}
+
+
+def summarize(runs: dict[str, list[dict]], start_arm: str) -> dict[str, dict]:
+    """summary.json's runs: per arm its WM accuracy, agent success per env/split (k, n, 95% CI each), fraction of
+    weights changed and forgetting probe, null / {} where not measured. nll_delta is the arm's probe NLL minus the
+    start arm's (> 0: the arm lost general ability)."""
+    start_nll = next((r["nll"] for r in runs.get(start_arm, []) if r["what"] == "forgetting"), None)
+    summary = {}
+    for name, results in runs.items():
+        arm = {"wm_accuracy": None, "agent": {}, "weights_changed": None, "forgetting": None}
+        for r in results:
+            if r["what"] == "wm":
+                arm["wm_accuracy"] = interval(r["k"], r["n"], r["ci95"])
+            elif r["what"] == "agent":
+                arm["agent"][f"{r['env']}/{r['split']}"] = interval(r["n_success"], r["n_episodes"], r["success_ci95"])
+            elif r["what"] == "weights":
+                arm["weights_changed"] = r["overall"]
+            elif r["what"] == "forgetting":
+                arm["forgetting"] = {"nll": r["nll"], "nll_delta": None if start_nll is None else r["nll"] - start_nll,
+                                     "n_tokens": r["n_tokens"], "contains": r["contains"]}
+        summary[name] = arm
+    return summary
+
+
+def summary_tables(summary: dict, start_arm: str) -> str:
+    """Markdown: one row per arm with every headline number, then the stage times."""
+    def ci(x) -> str:
+        return "–" if x is None else f"{pct(x['k'] / x['n']) if x['n'] else '–'} [{pct(x['ci95'][0])}, " \
+                                     f"{pct(x['ci95'][1])}] ({x['k']}/{x['n']})"
+    splits = sorted({key for arm in summary["runs"].values() for key in arm["agent"]})
+    rows = []
+    for name, arm in summary["runs"].items():
+        f = arm["forgetting"]
+        nll = "–" if f is None else f"{f['nll']:.3f}" + ("" if f["nll_delta"] is None or name == start_arm
+                                                          else f" ({f['nll_delta']:+.3f})")
+        changed = arm["weights_changed"]
+        rows.append([name, ci(arm["wm_accuracy"])] + [ci(arm["agent"].get(key)) for key in splits] +
+                    ["–" if changed is None else f"{100 * changed:.2f}", nll, ci(f and f["contains"])])
+    header = ["arm", "WM accuracy"] + [f"{key} success" for key in splits] + \
+        ["params changed", f"probe NLL/token (Δ vs {start_arm})", "probe answers right"]
+    parts = ["### All arms (%, [95% Wilson interval], (k/n))\n\n" + md_table(header, rows)] if rows else []
+    if summary["stages"]:
+        rows = [[name, f"{sec:.0f}"] for name, sec in summary["stages"].items()] + \
+            [["**total**", f"{summary['wall_s']:.0f}"]]
+        parts.append("### Stage times (s)\n\n" + md_table(["stage", "seconds"], rows))
+    return "\n\n".join(parts)
+
+
 def report(s: Settings) -> str:
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
@@ -490,17 +737,21 @@ def report(s: Settings) -> str:
     out = Path(s.out_dir)
     save_config(s, out)
     runs = {name: load_results(name, path) for name, path in parse_pairs(s.runs, "--runs")}
-    parts = ["# RWML evaluation report"]
-    if runs:
-        parts.append(report_tables(runs))
-        weights = {name: r for name, rs in runs.items() for r in rs if r["what"] == "weights"}
-        if weights:
-            plot_weight_change(weights, out / "weight_change.png")
-            parts.append("![weight change by layer and module](weight_change.png)")
+    stages = stage_times(Path(s.stages)) if s.stages else {}
+    # wall_s: the stages run one after another, so their sum is the pipeline's wall time (without the report)
+    summary = {"runs": summarize(runs, s.start_arm), "stages": stages, "wall_s": sum(stages.values())}
+    write_json(out / "summary.json", summary)
+    parts = ["# RWML evaluation report", summary_tables(summary, s.start_arm)]
     if s.curves:
         plot_curves({name: metrics_rows(path) for name, path in parse_pairs(s.curves, "--curves")},
                     out / "curves.png")
         parts.append("### Training curves\n\n![training curves](curves.png)")
+    if runs:
+        parts.append("## Details\n\n" + report_tables(runs))
+        weights = {name: r for name, rs in runs.items() for r in rs if r["what"] == "weights"}
+        if weights:
+            plot_weight_change(weights, out / "weight_change.png")
+            parts.append("![weight change by layer and module](weight_change.png)")
     text = "\n\n".join(parts) + "\n"
     (out / "report.md").write_text(text)
     print(text)
@@ -510,7 +761,8 @@ def report(s: Settings) -> str:
 def main(argv: list[str] | None = None):
     s = parse_settings(Settings, argv)
     seed_everything(s.seed)
-    return {"agent": evaluate_agent, "wm": evaluate_wm, "weights": evaluate_weights, "report": report}[s.what](s)
+    return {"agent": evaluate_agent, "wm": evaluate_wm, "weights": evaluate_weights, "forgetting": evaluate_forgetting,
+            "arms": evaluate_arms, "report": report}[s.what](s)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 import common
 import evaluate
 from common import Sample, read_jsonl, write_jsonl
-from evaluate import agent_stats, inefficient_steps, weight_change, wilson_interval
+from evaluate import agent_stats, inefficient_steps, pct, weight_change, wilson_interval
 from prompts import wm_sft_target
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,8 +186,11 @@ def test_wm_accuracy_by_env_and_kind(tmp_path, triples_file, monkeypatch):
     res = json.loads((out / "results.json").read_text())
     assert res["accuracy"] == 0.5 and res["missing_rate"] == 0.0
     assert res["by_env"]["alfworld"]["accuracy"] == 0.5 and res["by_env"]["twx"]["accuracy"] == 0.0
-    assert res["by_next_kind"] == {"obs": {"n": 3, "accuracy": pytest.approx(1 / 3), "missing_rate": 0.0},
-                                   "user": {"n": 1, "accuracy": 1.0, "missing_rate": 0.0}}
+    assert res["by_next_kind"] == {"obs": {"n": 3, "k": 1, "ci95": list(wilson_interval(1, 3)),
+                                           "accuracy": pytest.approx(1 / 3), "missing_rate": 0.0},
+                                   "user": {"n": 1, "k": 1, "ci95": list(wilson_interval(1, 1)), "accuracy": 1.0,
+                                            "missing_rate": 0.0}}
+    assert res["k"] == 2 and res["ci95"] == list(wilson_interval(2, 4))
 
 
 def test_wm_eval_names_a_bad_triples_line(tmp_path):
@@ -223,7 +226,7 @@ def test_report_writes_tables_and_plots(tmp_path):
     write_results(runs / "rwml" / "seen", agent_result("alfworld", "valid_seen", 6, 10, invalid=0.5))
     write_results(runs / "rwml" / "unseen", agent_result("alfworld", "valid_unseen", 3, 5))
     write_results(runs / "rwml" / "wm", {"what": "wm", "model": "m", "triples": "x/triples_val.jsonl", "n": 4,
-                                          "accuracy": 0.5, "missing_rate": 0.0,
+                                          "k": 2, "ci95": list(wilson_interval(2, 4)), "accuracy": 0.5, "missing_rate": 0.0,
                                           "by_env": {"alfworld": {"n": 4, "accuracy": 0.5, "missing_rate": 0.0}},
                                           "by_next_kind": {"obs": {"n": 4, "accuracy": 0.5, "missing_rate": 0.0}}})
     write_results(runs / "rwml" / "weights", {"what": "weights", "model": "m", "base": "b",
@@ -236,7 +239,7 @@ def test_report_writes_tables_and_plots(tmp_path):
     text = evaluate.main(["--what", "report", "--runs", f"base={runs / 'base'},rwml={runs / 'rwml'}",
                           "--curves", f"rwml={train}", "--out-dir", str(out)])
     assert (out / "report.md").read_text() == text
-    lines = text.splitlines()
+    lines = text[text.index("## Details"):].splitlines()  # the detailed tables, below the one of all arms
     header = next(line for line in lines if line.startswith("| run | alfworld valid_seen"))
     assert header.endswith("| alfworld avg |")
     base_row = next(line for line in lines if line.startswith("| base |"))
@@ -262,6 +265,9 @@ def test_report_names_bad_input(tmp_path):
     write_results(tmp_path / "run" / "sampled", agent_result("alfworld", "valid_seen", 2, 10))
     with pytest.raises(SystemExit, match="both hold alfworld valid_seen agent results"):
         evaluate.main(["--what", "report", "--runs", f"x={tmp_path / 'run'}", "--out-dir", str(tmp_path / "r")])
+    write_jsonl(tmp_path / "m.jsonl", [{"step": 1, "loss": 0.5}])  # none of the six curves a reader needs
+    with pytest.raises(SystemExit, match="none of reward_mean, val_acc"):
+        evaluate.main(["--what", "report", "--curves", f"x={tmp_path / 'm.jsonl'}", "--out-dir", str(tmp_path / "r")])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,4 +314,197 @@ def test_agent_eval_writes_results_and_resumes_without_duplicates(tmp_path, monk
     assert agent_eval(out, 2)["n_episodes"] == 2
     with pytest.raises(SystemExit, match="--temperature 0.0 -> 1.0"):
         evaluate.main(["--what", "agent", "--model", "tiny", "--split", "valid_seen", "--temperature", "1.0",
+                       "--out-dir", str(out)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# World-model sample, forgetting probe, every arm in one process, summary.json
+
+def many_triples(path, n=12):
+    rows = [{**TRIPLES[i % 2], "id": f"m{i:02d}", "action": f"open drawer {i}"} for i in range(n)]
+    write_jsonl(path, rows)
+    return rows
+
+
+def no_reward(s):  # a stand-in for the MiniLM reward where only the sampling is under test
+    return lambda texts, triples: torch.zeros(len(texts))
+
+
+def test_wm_eval_samples_seeded_triples_not_the_first_n(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "make_reward", no_reward)
+    rows = many_triples(tmp_path / "t.jsonl")
+
+    def sampled(seed, out):
+        res = evaluate.main(["--what", "wm", "--model", "tiny", "--triples", str(tmp_path / "t.jsonl"),
+                             "--n-triples", "4", "--seed", str(seed), "--max-new-tokens", "2",
+                             "--out-dir", str(tmp_path / out)])
+        assert res["n"] == 4 and res["k"] == 0 and res["ci95"] == list(wilson_interval(0, 4))
+        return [p["id"] for p in read_jsonl(tmp_path / out / "predictions.jsonl")]
+    first = sampled(0, "a")
+    assert first != [r["id"] for r in rows[:4]] and first == sorted(first)  # a sample, kept in file order
+    assert sampled(0, "b") == first and sampled(1, "c") != first
+
+
+def test_contains_answer_matches_whole_words():
+    assert evaluate.contains_answer("The capital is Paris.", ["paris"])
+    assert evaluate.contains_answer("It is 7, I think", ["7", "seven"])
+    assert not evaluate.contains_answer("It is 17.", ["7"]) and not evaluate.contains_answer("Parisian", ["paris"])
+
+
+PROBE_ROWS = [{"id": "p0", "prompt": "What is 2 plus 3?", "answer": "2 plus 3 is 5.", "accept": ["5", "five"]},
+              {"id": "p1", "prompt": "What color is the sky?", "answer": "The sky is blue.", "accept": ["blue"]},
+              {"id": "p2", "prompt": "What do bees make?", "answer": "Bees make honey.", "accept": ["honey"]}]
+
+
+@pytest.fixture
+def probe_file(tmp_path):
+    write_jsonl(tmp_path / "probe.jsonl", PROBE_ROWS)
+    return tmp_path / "probe.jsonl"
+
+
+def test_shipped_probe_is_well_formed():
+    rows = read_jsonl(evaluate.PROBE, required=evaluate.PROBE_KEYS)
+    assert len(rows) == 60 and len({r["id"] for r in rows}) == 60 and len({r["prompt"] for r in rows}) == 60
+    # every reference answer passes its own check: the greedy check can reward the answer the NLL measures
+    assert all(evaluate.contains_answer(r["answer"], r["accept"]) for r in rows)
+
+
+def fit_to_probe(model, tok, steps=40):
+    """A few Adam steps on the probe's reference answers: a tiny model that 'knows' them (NLL far below ln V)."""
+    from common import chat_ids
+    seqs = [(chat_ids(tok, [{"role": "user", "content": q["prompt"]}]),
+             tok(q["answer"], add_special_tokens=False)["input_ids"]) for q in PROBE_ROWS]
+    width = max(len(p) + len(a) for p, a in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id)
+    labels = torch.full_like(ids, -100)
+    attn = torch.zeros_like(ids)
+    for b, (p, a) in enumerate(seqs):
+        ids[b, :len(p) + len(a)] = torch.tensor(p + a)
+        labels[b, len(p):len(p) + len(a)] = torch.tensor(a)
+        attn[b, :len(p) + len(a)] = 1
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def test_forgetting_nll_rises_for_a_perturbed_model(tmp_path, probe_file):
+    torch.manual_seed(0)
+    model, tok = common.load_model("tiny")
+    fit_to_probe(model, tok)
+    model.save_pretrained(tmp_path / "fitted")
+    tok.save_pretrained(tmp_path / "fitted")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * p.std() * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "perturbed")
+    tok.save_pretrained(tmp_path / "perturbed")
+    evaluate.main(["--what", "arms", "--arms", f"base={tmp_path / 'fitted'},rwml={tmp_path / 'perturbed'}",
+                   "--evals", "forgetting", "--probe", str(probe_file), "--probe-max-new-tokens", "4",
+                   "--out-dir", str(tmp_path / "eval")])
+    evaluate.main(["--what", "report", "--runs", f"base={tmp_path / 'eval/base'},rwml={tmp_path / 'eval/rwml'}",
+                   "--out-dir", str(tmp_path / "report")])
+    runs = json.loads((tmp_path / "report" / "summary.json").read_text())["runs"]
+    fitted, perturbed = runs["base"]["forgetting"], runs["rwml"]["forgetting"]
+    assert fitted["nll"] < 5.0 and fitted["nll_delta"] == 0.0  # fitted: far below ln(49152) = 10.8
+    assert perturbed["nll_delta"] == pytest.approx(perturbed["nll"] - fitted["nll"]) and perturbed["nll_delta"] > 1.0
+    answers = read_jsonl(tmp_path / "eval" / "base" / "forgetting" / "answers.jsonl")
+    assert [a["id"] for a in answers] == ["p0", "p1", "p2"] and fitted["n_tokens"] == sum(a["n_tokens"] for a in answers)
+
+
+def save_tiny(path, scale=None):
+    """The tiny model as a model dir (scale: multiply one q_proj by it first, a 'trained' arm); returns the dir."""
+    model, tok = common.load_model("tiny")
+    if scale is not None:
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.weight.mul_(scale)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.slow  # two arms x (wm, forgetting, an ALFWorld fixture game, weights), three times: ~30 s
+def test_arms_load_each_model_once_and_resume(tmp_path, monkeypatch, probe_file):
+    import rewards
+    monkeypatch.setenv("ALFWORLD_DATA", str(FIXTURE_GAMES))
+    many_triples(tmp_path / "t.jsonl", 6)
+    base, rwml = save_tiny(tmp_path / "start"), save_tiny(tmp_path / "rwml_model", scale=1.5)
+    loads, embedders = [], []
+    real_load, real_embedder = evaluate.load_model, rewards.load_embedder
+    monkeypatch.setattr(evaluate, "load_model", lambda name, *a, **k: loads.append(name) or real_load(name, *a, **k))
+    monkeypatch.setattr(rewards, "load_embedder", lambda *a, **k: embedders.append(a) or real_embedder(*a, **k))
+    out = tmp_path / "eval"
+    argv = ["--what", "arms", "--arms", f"base={base},rwml={rwml}", "--triples", str(tmp_path / "t.jsonl"),
+            "--n-triples", "4", "--probe", str(probe_file), "--agent-splits", "valid_seen", "--n-tasks", "1",
+            "--max-steps", "1", "--max-new-tokens", "4", "--probe-max-new-tokens", "4", "--out-dir", str(out)]
+    got = evaluate.main(argv)
+    assert loads == [base, rwml] and len(embedders) == 1
+    assert set(got["base"]) == {"wm", "forgetting", "alfworld/valid_seen"}  # the start arm: no weights vs itself
+    assert set(got["rwml"]) == {"wm", "forgetting", "alfworld/valid_seen", "weights"}
+    q = common.load_model("tiny")[0].model.layers[0].self_attn.q_proj.weight
+    assert got["rwml"]["weights"]["n_changed"] == q.numel() and got["rwml"]["weights"]["base"] == base
+    folders = {"wm": "wm", "forgetting": "forgetting", "alfworld/valid_seen": "alfworld_valid_seen", "weights": "weights"}
+    for arm in ("base", "rwml"):  # the layout --what report reads
+        for key, result in got[arm].items():
+            assert json.loads((out / arm / folders[key] / "results.json").read_text()) == result
+    # a rerun finds everything done: no model, no embedder
+    loads.clear(), embedders.clear()
+    assert evaluate.main(argv) == got and loads == [] and embedders == []
+    # a kill before rwml's forgetting finished: only that runs again, loading only rwml's model
+    (out / "rwml" / "forgetting" / "results.json").unlink()
+    assert evaluate.main(argv) == got and loads == [rwml] and embedders == []
+    # and a rerun with other settings into the same dir is refused, naming the flag
+    with pytest.raises(SystemExit, match="--n-triples 4 -> 5"):
+        evaluate.main(argv[:-2] + ["--n-triples", "5", "--out-dir", str(out)])
+
+
+def test_summary_json_and_report_table(tmp_path):
+    runs = tmp_path / "eval"
+    wm = lambda k, n: {"what": "wm", "model": "m", "triples": "t.jsonl", "n": n, "k": k,  # noqa: E731
+                       "ci95": list(wilson_interval(k, n)), "accuracy": k / n, "missing_rate": 0.0,
+                       "by_env": {}, "by_next_kind": {}}
+    forgetting = lambda nll, k: {"what": "forgetting", "model": "m", "probe": "p", "n": 60,  # noqa: E731
+                                 "n_tokens": 500, "nll": nll,
+                                 "contains": {"k": k, "n": 60, "ci95": list(wilson_interval(k, 60))}}
+    write_results(runs / "base" / "wm", wm(60, 200))
+    write_results(runs / "base" / "forgetting", forgetting(2.0, 30))
+    write_results(runs / "base" / "alfworld_valid_seen", agent_result("alfworld", "valid_seen", 1, 10))
+    write_results(runs / "rwml" / "wm", wm(90, 200))
+    write_results(runs / "rwml" / "forgetting", forgetting(2.25, 28))
+    write_results(runs / "rwml" / "weights", {"what": "weights", "model": "m", "base": "b",
+                                               **weight_change(BASE, TUNED)})
+    write_results(runs / "rwml" / "alfworld_valid_seen", agent_result("alfworld", "valid_seen", 3, 10))
+    write_results(runs / "rwml" / "alfworld_valid_unseen", agent_result("alfworld", "valid_unseen", 2, 8))
+    pipeline = tmp_path / "run"
+    for stage, sec in (("collect", 120), ("rwml", 300), ("eval", 95)):
+        (pipeline / stage).mkdir(parents=True)
+        (pipeline / stage / "DONE").write_text(f"{sec} s\n")
+    out = tmp_path / "report"
+    text = evaluate.main(["--what", "report", "--runs", f"base={runs / 'base'},rwml={runs / 'rwml'}",
+                          "--stages", str(pipeline), "--out-dir", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"runs", "stages", "wall_s"}
+    assert summary["stages"] == {"collect": 120.0, "rwml": 300.0, "eval": 95.0} and summary["wall_s"] == 515.0
+    assert summary["runs"]["base"] == {
+        "wm_accuracy": {"k": 60, "n": 200, "ci95": list(wilson_interval(60, 200))},
+        "agent": {"alfworld/valid_seen": {"k": 1, "n": 10, "ci95": list(wilson_interval(1, 10))}},
+        "weights_changed": None,
+        "forgetting": {"nll": 2.0, "nll_delta": 0.0, "n_tokens": 500,
+                       "contains": {"k": 30, "n": 60, "ci95": list(wilson_interval(30, 60))}}}
+    rwml = summary["runs"]["rwml"]
+    assert rwml["weights_changed"] == 5 / 14 and rwml["forgetting"]["nll_delta"] == 0.25
+    assert set(rwml["agent"]) == {"alfworld/valid_seen", "alfworld/valid_unseen"}
+    assert rwml["agent"]["alfworld/valid_unseen"]["k"] == 2 and rwml["wm_accuracy"]["k"] == 90
+    # one table, every arm: WM accuracy, success per split, params changed, probe NLL (change), probe answers
+    assert "| arm | WM accuracy | alfworld/valid_seen success | alfworld/valid_unseen success | params changed |" in text
+    lo, hi = wilson_interval(90, 200)
+    assert f"| rwml | 45.0 [{pct(lo)}, {pct(hi)}] (90/200) | 30.0 [" in text
+    assert "| 35.71 | 2.250 (+0.250) | 46.7 [" in text and "| base | 30.0 [" in text and "| – | 2.000 | 50.0 [" in text
+    assert "| **total** | 515 |" in text and text.index("### All arms") < text.index("### Stage times")
+    (pipeline / "eval" / "DONE").write_text("done\n")
+    with pytest.raises(SystemExit, match=r"eval/DONE: expected '<seconds> s'"):
+        evaluate.main(["--what", "report", "--runs", f"base={runs / 'base'}", "--stages", str(pipeline),
                        "--out-dir", str(out)])
