@@ -234,14 +234,42 @@ def chat_fn(model, tokenizer, max_new_tokens: int = 256, temperature: float = 0.
 # ----------------------------------------------------------------------------------------------------------
 # Training-side log-probs: hidden states -> fused kernel, never the [tokens, vocab] logits.
 
+# Config keys of HF causal LMs whose forward scales the lm_head's logits: (key, exponent) with
+# logits = (hidden @ W.T) * value ** exponent. A scale folds exactly into the softmax temperature.
+HEAD_LOGIT_SCALES = (("logit_scale", 1), ("output_multiplier", 1), ("logits_scaling", -1))
+HEAD_UNSUPPORTED = ("final_logit_softcapping",)  # cap * tanh(logits / cap): not a matmul, the kernel cannot fuse it
+
+
+def head_logit_scale(lm: nn.Module) -> float:
+    """The factor the LM's forward applies to hidden @ lm_head.weight.T (1.0 for a plain head). Refuses heads the
+    fused log-prob kernel would score wrongly (soft-capping, a bias), naming the model and the config key."""
+    name = type(lm).__name__
+    if getattr(lm.get_output_embeddings(), "bias", None) is not None:
+        raise ValueError(f"{name}: its lm_head has a bias; TokenLogprobs scores hidden @ lm_head.weight.T only")
+    configs = [lm.config] + [c for c in [getattr(lm.config, "text_config", None)] if c is not None]
+    scale = 1.0
+    for config in configs:
+        for key in HEAD_UNSUPPORTED:
+            if getattr(config, key, None):
+                raise ValueError(f"{name}: config {key}={getattr(config, key)} changes the logits after the "
+                                 f"lm_head matmul, which TokenLogprobs cannot score; set it to null in config.json "
+                                 f"only if the model was trained without it, or use another model")
+        for key, exponent in HEAD_LOGIT_SCALES:
+            if getattr(config, key, None) is not None:
+                scale *= float(getattr(config, key)) ** exponent
+    return scale
+
+
 class TokenLogprobs(nn.Module):
     """Wraps a HF causal LM. forward -> logp [B, L] with logp[b, t] = log pi(x_t | x_<t) where loss_mask[b, t],
     0 elsewhere (and entropy [B, L] when asked). The wrapper is the FSDP root, so embeddings and lm_head are
-    gathered by its forward hooks."""
+    gathered by its forward hooks. It reads the lm_head weight directly: a head that scales its logits is
+    scored through the temperature, one that does more is refused (head_logit_scale)."""
 
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
+        self.logit_scale = head_logit_scale(lm)
 
     def forward(self, input_ids, attention_mask, loss_mask, temperature: float = 1.0, with_entropy: bool = False):
         from kernels import token_logprobs
@@ -250,8 +278,8 @@ class TokenLogprobs(nn.Module):
                                         position_ids=pos).last_hidden_state
         sel = loss_mask[:, 1:].bool()                                   # token t is predicted at position t-1
         weight = self.lm.get_output_embeddings().weight
-        logp, ent = token_logprobs(hidden[:, :-1][sel], weight, input_ids[:, 1:][sel], temperature,
-                                   with_entropy=with_entropy)
+        logp, ent = token_logprobs(hidden[:, :-1][sel], weight, input_ids[:, 1:][sel],
+                                   temperature / self.logit_scale, with_entropy=with_entropy)
         full = hidden.new_zeros(input_ids.shape, dtype=torch.float32)
         full[:, 1:] = full[:, 1:].masked_scatter(sel, logp.float())
         if not with_entropy:

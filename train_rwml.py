@@ -97,8 +97,9 @@ class Settings:
     clip_high: float = common.flag(0.2, "ratio clip above 1 (paper: 0.2; DAPO: 0.28)")
     beta: float | None = common.flag(None, "KL weight to the frozen start model; none = paper: 0.001 wm, 0.01 policy; "
                                     "0 = no reference model")
-    kl: str = common.flag("k3", "KL estimator: k3 = verl's low_var_kl, k1 = log-ratio, k2 = half squared log-ratio",
-                   ["k1", "k2", "k3"])
+    kl: str = common.flag("k3", "KL estimator in the loss: k3 = verl's low_var_kl, k2 = half squared log-ratio, "
+                   "k1 = log-ratio, whose expected gradient is zero (E_pi[grad log pi] = 0): k1 acts as --beta 0 plus "
+                   "noise and only its logged kl means anything", ["k1", "k2", "k3"])
     adv_scale: str = common.flag("std", "advantage = (r - group mean) / group std, or r - group mean", ["std", "none"])
     entropy_coef: float | None = common.flag(None, "entropy bonus; none = paper: 0 wm, 0.001 policy")
     # reward (--task wm)
@@ -231,7 +232,9 @@ def make_optimizer(s: Settings, params, total_updates: int):
 # over the GLOBAL batch, so gradient accumulation and any world size give the same loss.
 
 def kl_terms(logp, ref_logp, kind: str):
-    """Per-token KL(pi || ref) estimates from samples of pi (Schulman 2020); k3 lives in the fused loss kernel."""
+    """Per-token KL(pi || ref) estimates from samples of pi (Schulman 2020); k3 lives in the fused loss kernel.
+    As loss terms on fixed samples, k1's gradient is grad log pi, zero in expectation: it estimates the KL but
+    does not pull towards ref; k2's gradient (log pi - log ref) grad log pi is the true grad KL(pi || ref)."""
     log_ratio = logp - ref_logp
     return log_ratio if kind == "k1" else 0.5 * log_ratio.square()
 

@@ -1,6 +1,7 @@
 """Benchmark: forward+backward of per-token log-probs + the GRPO loss, naive vs ours vs Liger-Kernel.
 
     python -m kernels.bench [--rounds 3] [--sizes smollm2,qwen3-8b]
+    python -m kernels.bench --compile-report      (no GPU needed; TRITON_INTERPRET unset)
 
 One table: for each size, median time and peak extra memory of (log-probs -> grpo_loss(token-mean, clip 0.2,
 k3 KL beta=0.001) -> backward), and the ratios against the naive path (full [N, V] logits, log_softmax, gather).
@@ -17,6 +18,8 @@ moment, so it counts every byte the pass touched and not the inputs; glibc is to
 torch.cuda.max_memory_allocated minus memory_allocated before the pass. Both include the gradients of hidden and
 weight, which every method produces.
 On CUDA a second table compares the Triton log-softmax row kernels with the device's copy bandwidth.
+--compile-report compiles every Triton kernel x autotune config for sm_80 and sm_90 (kernels/cuda_compile.py) and
+prints registers, spills, shared memory and occupancy instead.
 """
 import argparse
 import json
@@ -167,14 +170,32 @@ def _bandwidth_table():
         print(f"| {name} | {sec * 1e3:.2f} | {traffic / sec / 1e9:.0f} | {sec / (traffic / copy_bw):.2f} |")
 
 
+def _compile_report():
+    from kernels.cuda_compile import compile_all, format_table
+
+    start = time.perf_counter()
+    rows = compile_all(full=True)
+    print(f"{len(rows)} compiles (every launch variant x autotune config x target) in "
+          f"{time.perf_counter() - start:.0f} s; worst variant per cell; occupancy = resident warps / 64 per SM\n")
+    print(format_table(rows))
+    spilling = sorted({f"{r['kernel']} [{r['config']}; {r['variant']}] {r['target']}" for r in rows
+                       if r["spill_stores"] or r["spill_loads"]})
+    print("\nspills: " + ("; ".join(spilling) if spilling else "none"))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default=None, help=f"comma-separated, from {list(SIZES)}; default: smollm2 on "
                         "CPU, all on CUDA")
     parser.add_argument("--rounds", type=int, default=3, help="measurements per method (median reported)")
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--compile-report", action="store_true", help="compile every kernel x autotune config "
+                        "for sm_80/sm_90 (no GPU needed) and print registers, spills, shared memory, occupancy")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.compile_report:
+        _compile_report()
+        return
     sizes = (args.sizes or ("smollm2,qwen3-8b" if torch.cuda.is_available() else "smollm2")).split(",")
     for name in sizes + args.methods.split(","):
         if name not in SIZES and name not in METHODS:

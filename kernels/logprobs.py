@@ -8,8 +8,9 @@ Rows go `chunk` at a time. Forward: one matmul gives the [c, V] logits chunk (fp
 path ATen's fused log_softmax. Backward recomputes each chunk's logits and turns them (in place on Triton) into
     dlogits = (g_logp * (onehot - p) - g_ent * p * (log p + H)) / T
 then dhidden[chunk] = dlogits @ W and dW += dlogits.T @ hidden[chunk]. Extra memory: one fp32 [c, V] chunk
-(two on the torch path) plus the [V, H] dW accumulator — O(chunk x V), never O(N x V). The price is one more
-[N, H] x [H, V] matmul than the naive path (the recompute).
+(two on the torch path) plus the [V, H] dW accumulator, fp32 whatever the weight's dtype (bf16 weights: plus one
+bf16 [V, H] chunk product) — O(chunk x V), never O(N x V). The price is one more [N, H] x [H, V] matmul than the
+naive path (the recompute).
 """
 import os
 
@@ -157,7 +158,10 @@ class _FusedLogprobs(torch.autograd.Function):
         g_ent = None if g_ent is None else g_ent.to(acc).contiguous()
         need_dh, need_dw = ctx.needs_input_grad[:2]
         dh = torch.empty_like(h, memory_format=torch.contiguous_format) if need_dh else None  # mm(out=) rows
-        dw = torch.zeros_like(w) if need_dw else None  # the weight's dtype, as Liger: bf16 rounds once a chunk
+        # dW sums over every chunk: in fp32 (float64 stays float64), cast to the weight's dtype once at the end.
+        # A bf16 accumulator would round the running sum once a chunk, and late chunks would vanish below its ulp.
+        dw = torch.zeros(w.shape, dtype=torch.promote_types(w.dtype, torch.float32), device=w.device) \
+            if need_dw else None
         buf = torch.empty(min(chunk, n), v, dtype=acc, device=h.device)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
@@ -167,7 +171,10 @@ class _FusedLogprobs(torch.autograd.Function):
             if need_dh:
                 torch.mm(d, w, out=dh[s:e])
             if need_dw:
-                dw.addmm_(d.T, h[s:e])
+                if dw.dtype == d.dtype:
+                    dw.addmm_(d.T, h[s:e])
+                else:  # bf16 matmul (fp32 inside), its output rounded once, then summed in fp32
+                    dw.add_(d.T @ h[s:e])
             del d  # else this chunk's dlogits live on while the next chunk's are computed
         return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
                 None, None, None, None, None)

@@ -192,3 +192,36 @@ def test_a_run_dir_loads_its_newest_checkpoint(tiny, tmp_path):
     loaded, loaded_tok = common.load_model(str(tmp_path))
     assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
     assert len(loaded_tok) == len(tok)
+
+
+def _head_model(kind: str, **head):
+    """A one-layer random HF LM of another family, with the head settings given (logit scale, soft-capping)."""
+    import transformers
+    cls, cfg = {"cohere": ("CohereForCausalLM", "CohereConfig"), "granite": ("GraniteForCausalLM", "GraniteConfig"),
+                "gemma2": ("Gemma2ForCausalLM", "Gemma2Config")}[kind]
+    config = getattr(transformers, cfg)(vocab_size=96, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=8, **head)
+    torch.manual_seed(0)
+    return getattr(transformers, cls)(config).eval()
+
+
+@pytest.mark.parametrize("kind, head", [("cohere", {"logit_scale": 0.25}), ("granite", {"logits_scaling": 4.0}),
+                                        ("gemma2", {"final_logit_softcapping": None})])
+def test_token_logprobs_score_the_models_own_logits(kind, head):
+    lm = _head_model(kind, **head)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(1))
+    attn, loss = torch.ones_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    loss[:, 3:] = True
+    with torch.no_grad():
+        logp, _ = common.TokenLogprobs(lm)(ids, attn, loss, temperature=0.7)
+        own = torch.log_softmax(lm(input_ids=ids).logits[:, :-1].float() / 0.7, -1).gather(-1, ids[:, 1:, None])
+    torch.testing.assert_close(logp[:, 3:], own[:, 2:, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_token_logprobs_refuse_heads_beyond_a_matmul():
+    with pytest.raises(ValueError, match="Gemma2ForCausalLM: config final_logit_softcapping=30"):
+        common.TokenLogprobs(_head_model("gemma2", final_logit_softcapping=30.0))
+    lm = _head_model("granite")
+    lm.set_output_embeddings(torch.nn.Linear(16, 96, bias=True))
+    with pytest.raises(ValueError, match="GraniteForCausalLM: its lm_head has a bias"):
+        common.TokenLogprobs(lm)

@@ -81,6 +81,29 @@ def test_token_logprobs_without_entropy(path):
     assert rel_err(hidden.grad, ref_h) < 2e-5 and rel_err(weight.grad, ref_w) < 2e-5
 
 
+def test_token_logprobs_bf16_weight_grad_sums_in_fp32(path):
+    """bf16 lm_head (FSDP2's compute dtype): dW sums 128 chunks. Rows alike and one target make the chunk terms
+    add up, so a bf16 running sum (one rounding per chunk) drifts ~10x further from float64 than the bound."""
+    n, h, v, chunk = 512, 16, 64, 4
+    gen = torch.Generator().manual_seed(7)
+    hidden = (1 + 0.1 * torch.randn(n, h, generator=gen)).bfloat16()
+    weight = (0.1 * torch.randn(v, h, generator=gen)).bfloat16()
+    targets = torch.zeros(n, dtype=torch.long)
+    w64 = weight.double().requires_grad_()
+    token_logprobs_reference(hidden.double(), w64, targets)[0].sum().backward()
+    w = weight.clone().requires_grad_()
+    token_logprobs(hidden, w, targets, chunk=chunk)[0].sum().backward()
+    assert w.grad.dtype == torch.bfloat16
+    bound = 4e-3  # the final bf16 cast alone: ~1e-3
+    assert rel_err(w.grad, w64.grad) < bound, rel_err(w.grad, w64.grad)
+    with torch.no_grad():  # the same chunk terms summed in bf16, as before: outside the bound
+        dlogits = torch.nn.functional.one_hot(targets, v) - torch.softmax(hidden.double() @ weight.double().T, -1)
+        bf16_sum = torch.zeros(v, h, dtype=torch.bfloat16)
+        for s in range(0, n, chunk):
+            bf16_sum += dlogits[s:s + chunk].bfloat16().T @ hidden[s:s + chunk]
+    assert rel_err(bf16_sum, w64.grad) > 2 * bound
+
+
 class LargestTensor(TorchDispatchMode):
     """Records the size in bytes of the largest tensor any ATen op returns (the interpreter copies raw bytes)."""
     largest = 0
@@ -162,17 +185,56 @@ def test_group_advantages_degenerate_groups(path, scale):
 # ---------------------------------------------------------------- grpo_loss
 
 def grpo_inputs(b, t, dtype, seed):
+    """b >= 3: rows 0 and 1 (full length, advantages of both signs) carry every clamp region; the last row is
+    fully masked."""
     gen = torch.Generator().manual_seed(seed)
     logp = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 3
     old = logp + 0.3 * torch.randn(b, t, generator=gen, dtype=torch.float64)
-    old[0, :4] += torch.tensor([30.0, -30.0, 2.0, -2.0])[: min(t, 4)]  # ratios far outside the clip range
     ref = logp + 0.5 * torch.randn(b, t, generator=gen, dtype=torch.float64)
+    n = min(t, 6)
+    # log-ratios beyond the exp clamp (+-20), beyond both clip bounds, inside them
+    old[:2, :n] = logp[:2, :n] - torch.tensor([30.0, -30.0, 2.0, -2.0, 0.1, -0.1], dtype=torch.float64)[:n]
+    # ref - logp beyond the +-20 clamp, k3 above its clamp at 10 on both sides (e^3 - 4, e^-12 + 11), plain
+    ref[:2, :n] = logp[:2, :n] + torch.tensor([25.0, -25.0, 3.0, -12.0, 0.5, -0.5], dtype=torch.float64)[:n]
     adv = torch.randn(b, generator=gen, dtype=torch.float64)
+    adv[:2] = torch.tensor([1.3, -0.7])
     lengths = torch.randint(1, t + 1, (b,), generator=gen)
+    lengths[:2] = t
     mask = torch.arange(t)[None] < lengths[:, None]
     mask[-1] = False  # a fully masked sequence
     is_weight = torch.rand(b, t, generator=gen, dtype=torch.float64) * 2
     return tuple(x.to(dtype) if x.is_floating_point() else x for x in (logp, old, ref, adv, mask, is_weight))
+
+
+def plain_grpo_loss(logp, old, ref, adv, mask, clip_low, clip_high, beta, agg, is_weight):
+    """float64, a sequence at a time, from the formulas in kernels/grpo_loss.py's docstring (PPO's pessimistic
+    min(r A, clip(r) A)), written apart from grpo_loss_reference so that a slip in the reference shows."""
+    logp, old, adv = logp.double(), old.double(), adv.double()
+    per_seq, n_low, n_high, ratio_sum, kl_sum = [], 0.0, 0.0, 0.0, 0.0
+    for b in range(logp.shape[0]):
+        on = mask[b].bool()
+        lp, a = logp[b][on], adv[b]
+        r = torch.exp(torch.clamp(lp - old[b][on], -20, 20))
+        term = -torch.minimum(r * a, torch.clamp(r, 1 - clip_low, 1 + clip_high) * a)
+        if is_weight is not None:
+            term = term * is_weight[b][on].double()
+        kl = torch.zeros_like(term)
+        if ref is not None:
+            d = torch.clamp(ref[b][on].double() - lp, -20, 20)
+            kl = torch.clamp(torch.exp(d) - d - 1, max=10)
+        per_seq.append(term + beta * kl)
+        n_low += float(((r < 1 - clip_low) & (a < 0)).sum())
+        n_high += float(((r > 1 + clip_high) & (a > 0)).sum())
+        ratio_sum += float(r.detach().sum())
+        kl_sum += float(kl.detach().sum())
+    n_tokens = max(int(mask.sum()), 1)
+    if agg == "token-mean":
+        loss = sum(x.sum() for x in per_seq) / n_tokens
+    elif agg == "seq-mean-token-mean":
+        loss = sum(x.sum() / max(len(x), 1) for x in per_seq) / len(per_seq)
+    else:
+        loss = sum(x.sum() / logp.shape[1] for x in per_seq) / len(per_seq)
+    return loss, torch.tensor([n_low, n_high, ratio_sum, kl_sum], dtype=torch.float64) / n_tokens
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -184,8 +246,7 @@ def test_grpo_loss_matches_float64_reference(path, agg, dtype, shape):
     loss, stats = grpo_loss(x, old, ref, adv, mask, 0.2, 0.28, 0.1, agg, is_weight)
     loss.backward()
     x64 = logp.double().requires_grad_()
-    loss64, stats64 = grpo_loss_reference(x64, *(v.double() for v in (old, ref, adv)), mask, 0.2, 0.28, 0.1, agg,
-                                          is_weight.double())
+    loss64, stats64 = plain_grpo_loss(x64, old, ref, adv, mask, 0.2, 0.28, 0.1, agg, is_weight)
     loss64.backward()
     assert x.grad.dtype == dtype and set(stats) == {"clip_frac_low", "clip_frac_high", "ratio_mean", "kl_mean"}
     assert abs(loss.item() - loss64.item()) < 1e-5 * max(1.0, abs(loss64.item()))
@@ -230,6 +291,17 @@ def test_grpo_loss_formulas(path):
     k3 = torch.exp(torch.tensor(0.5)) - 1.5
     assert loss.item() == pytest.approx(k3.item()) and stats["kl_mean"].item() == pytest.approx(k3.item())
     torch.testing.assert_close(x.grad, (1 - torch.exp(torch.tensor(0.5))) * mask / 9)
+    # is_weight multiplies each token's policy term and its gradient, never the KL term.
+    isw = torch.rand(3, 4, generator=torch.Generator().manual_seed(0)) + 0.5
+    grads = []
+    for w in (None, isw):
+        x = logp.clone().requires_grad_()
+        grpo_loss(x, old, None, adv, mask, is_weight=w)[0].backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0] * isw * mask)
+    kl_only = [grpo_loss(logp, logp, torch.where(mask, ref, 0.0), torch.zeros(3), mask, beta=1.0, is_weight=w)[0]
+               for w in (None, isw)]
+    torch.testing.assert_close(kl_only[1], kl_only[0])
 
 
 def test_grpo_loss_bad_input(path):
