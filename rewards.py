@@ -1,5 +1,5 @@
 """Rewards. World model (RWML, paper §2.2): compare the simulated next state with the real one in a frozen
-embedding space, binarised so it is hard to hack. Policy RL: task success minus an invalid-action penalty."""
+embedding space, binarised so it is hard to hack. Policy RL: 10·success, minus a penalty per badly formatted reply."""
 import math
 import re
 
@@ -7,7 +7,7 @@ import torch
 from rouge_score import rouge_scorer
 from sentence_transformers import SentenceTransformer
 
-from prompts import extract_next_state
+from prompts import extract_next_state, has_format
 
 # Instruction-tuned embedders: the truth is embedded as a query with this instruction, the prediction as a
 # document (paper §2.2). Symmetric embedders such as MiniLM embed both sides the same way.
@@ -44,9 +44,20 @@ def judge_says_yes(answer: str) -> bool:
     return re.match(r"\W*yes\b", answer, flags=re.I) is not None  # tolerate "**Yes**.", "  YES", '"yes"'
 
 
-def task_reward(won: bool, n_invalid: int, invalid_penalty: float = 0.1) -> float:
-    """Policy RL episode reward (verl-agent ALFWorld setting): success minus a penalty per invalid action."""
-    return float(won) - invalid_penalty * n_invalid
+def policy_step_rewards(steps: list[dict], won: bool, win_reward: float = 10.0, penalty: float = 0.1,
+                        penalize: str = "format") -> list[float]:
+    """Policy RL reward per env step (verl-agent's ALFWorld setting, ../shared/PAPER.md): the last step gets
+    win_reward·won; a step loses `penalty` when its reply breaks the format (no <think> block or no non-empty
+    <action> block, prompts.has_format), whatever the env then made of it. penalize="invalid" (an ablation, our
+    first version's rule) instead penalises every step whose action was not valid (not admissible / not accepted).
+    GRPO uses the episode return, the sum of these with γ=1, as each group member's reward."""
+    if penalize not in ("format", "invalid"):
+        raise ValueError(f"policy_step_rewards: penalize must be format or invalid, got {penalize!r}")
+    broken = [not has_format(st["response"], "action") if penalize == "format" else not st["valid"] for st in steps]
+    rewards = [-penalty * b for b in broken]
+    if rewards:
+        rewards[-1] += win_reward * float(won)
+    return rewards
 
 
 class WorldModelReward:

@@ -63,7 +63,10 @@ class Settings:
     split: str = common.flag("train", "env split the policy trains on")
     max_env_steps: int = common.flag(15, "steps per training episode (paper: 15)")
     history: int = common.flag(2, "past turns in the agent prompt (paper: 2 ALFWorld, 5 τ²)")
-    invalid_penalty: float = common.flag(0.1, "episode reward = won - penalty * invalid steps (paper: 0.1)")
+    win_reward: float = common.flag(10.0, "reward of the last step of a won episode (paper, verl-agent: 10)")
+    step_penalty: float = common.flag(0.1, "reward of a step whose reply breaks the format (paper, verl-agent: -0.1)")
+    penalize: str = common.flag("format", "which steps --step-penalty hits: format = reply without <think>/<action> "
+                                "(paper); invalid = action not admissible/accepted (ablation)", ["format", "invalid"])
     env_workers: int = common.flag(0, "env worker processes (0 = in this process)")
     user_model: str = common.flag("", "τ² user simulator: a local model (run here, greedy; '' = smollm2-135m) or "
                                "litellm:<name> for a hosted one, e.g. litellm:gpt-4.1")
@@ -607,9 +610,9 @@ def main(argv: list[str] | None = None) -> Path:
         if s.task == "wm":
             rewards = score(samples, [t for t in triples for _ in range(G)]).float()
         else:
-            from rewards import task_reward
-            rewards = torch.tensor([task_reward(ep["success"], sum(not st["valid"] for st in ep["steps"]),
-                                                s.invalid_penalty) for ep in episodes])
+            from rewards import policy_step_rewards   # the group reward is the episode return (γ = 1)
+            rewards = torch.tensor([sum(policy_step_rewards(ep["steps"], ep["success"], s.win_reward, s.step_penalty,
+                                                            s.penalize)) for ep in episodes])
         adv = group_advantages(rewards, G, s.adv_scale)
         zero_var = zero_variance_groups(rewards, G, s.zero_var_std)
         keep_group = ~zero_var if s.drop_zero_var else torch.ones_like(zero_var)   # DAPO's dynamic sampling

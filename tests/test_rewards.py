@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rewards import TRUTH_PROMPT, WorldModelReward, judge_says_yes, rouge_l_snapped, task_reward
+from rewards import TRUTH_PROMPT, WorldModelReward, judge_says_yes, policy_step_rewards, rouge_l_snapped
 
 # (real ALFWorld observation, a paraphrase, an unrelated observation)
 ALFWORLD = [
@@ -168,7 +168,16 @@ def test_bad_input_is_named(binary):
         WorldModelReward(mode="judge")
 
 
-def test_task_reward():
-    assert task_reward(True, 0) == 1.0
-    assert task_reward(False, 3) == pytest.approx(-0.3)
-    assert task_reward(True, 2, invalid_penalty=0.5) == 0.0
+def test_policy_step_rewards_follow_verl_agent():
+    """10·won on the last step; -0.1 on each reply without <think>/<action>, not on well-formed inadmissible ones."""
+    good_bad_action = {"response": "<think>go</think><action>fly to the moon</action>", "valid": False}
+    no_tags = {"response": "go to shelf 1", "valid": True}   # the env may still accept it: the format is broken
+    good = {"response": "<think>ok</think>\n<action>go to shelf 1</action>", "valid": True}
+    empty_action = {"response": "<think>ok</think><action> </action>", "valid": False}
+    steps = [good_bad_action, no_tags, good, empty_action, good]
+    assert policy_step_rewards(steps, won=True) == pytest.approx([0.0, -0.1, 0.0, -0.1, 10.0])
+    assert sum(policy_step_rewards(steps, won=False)) == pytest.approx(-0.2)   # the episode return GRPO uses
+    assert policy_step_rewards(steps, won=True, penalize="invalid") == pytest.approx([-0.1, 0.0, 0.0, -0.1, 10.0])
+    assert policy_step_rewards([], won=False) == []
+    with pytest.raises(ValueError, match="penalize"):
+        policy_step_rewards(steps, won=True, penalize="admissible")
