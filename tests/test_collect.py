@@ -178,7 +178,8 @@ def test_a_crashed_worker_fails_its_episode_and_the_run_goes_on():
 
 
 class FakeTau2Env:
-    """τ²'s shape: no admissible list, a system prompt and user info at reset, next_kind "tool" | "user"."""
+    """τ²'s shape: no admissible list, a system prompt and user info at reset, next_kind "tool" | "user"; a call to
+    "Bad_Tool" runs and fails (executed, invalid), an empty action is rejected unrun (not executed)."""
 
     def reset(self, task_id):
         self.t = 0
@@ -188,10 +189,12 @@ class FakeTau2Env:
 
     def step(self, action):
         self.t += 1
-        tool = action.startswith("{")
-        obs = 'tool: {"order_id": "#W1", "items": [{"price": 10.5}]}' if tool else "user: thanks"
-        return obs, float(self.t == 3), self.t == 3, {"won": self.t == 3, "valid": bool(action), "admissible": None,
-                                                      "gold": None, "next_kind": "tool" if tool else "user"}
+        tool, error = action.startswith("{") or not action, "Bad_Tool" in action or not action
+        obs = ("tool: Error: no such tool" if error else 'tool: {"order_id": "#W1", "items": [{"price": 10.5}]}'
+               if tool else "user: thanks")
+        return obs, float(self.t == 4), self.t == 4, {"won": self.t == 4, "valid": not error, "executed": bool(action),
+                                                      "admissible": None, "gold": None,
+                                                      "next_kind": "tool" if tool else "user"}
 
     def close(self):
         pass
@@ -204,7 +207,8 @@ class FakeTau2Suite(FakeSuite):
 
 def test_tau2_shaped_env_system_prompt_kinds_and_masked_tool_replies():
     replies = ['<action>{"name": "Get_Order", "arguments": {"order_id": "#W1"}}</action>',
-               "<action>It costs 10.5 USD.</action>", "no tags at all"]
+               '<action>{"name": "Bad_Tool", "arguments": {}}</action>', "<action>It costs 10.5 USD.</action>",
+               "no tags at all"]
     prompts = []
 
     def act(messages_list, infos):
@@ -212,16 +216,20 @@ def test_tau2_shaped_env_system_prompt_kinds_and_masked_tool_replies():
         return [Sample([], [], replies[len(prompts) - 1], [], True)]
 
     (episode,) = run_episodes(act, FakeTau2Suite(), [("retail/1", 0)], env="tau2", split="train", history=5)
-    assert all(p.startswith("SYS POLICY") for p in prompts) and "user: thanks" in prompts[2]
-    assert [st["valid"] for st in episode["steps"]] == [True, True, False] and episode["success"]
+    assert all(p.startswith("SYS POLICY") for p in prompts) and "user: thanks" in prompts[3]
+    assert [st["valid"] for st in episode["steps"]] == [True, False, True, False] and episode["success"]
+    assert [st["executed"] for st in episode["steps"]] == [True, True, True, False]
     assert episode["steps"][0]["action"] == '{"name": "Get_Order", "arguments": {"order_id": "#W1"}}'  # case kept
-    tool, user = episode_triples(episode, history=5)
-    assert (tool["next_kind"], user["next_kind"]) == ("tool", "user")
+    # the failing call that ran is a triple (its error reply is a real transition); the unparsed reply is not
+    tool, error, user = episode_triples(episode, history=5)
+    assert (tool["next_kind"], error["next_kind"], user["next_kind"]) == ("tool", "tool", "user")
+    assert error["next_state"] == "tool: Error: no such tool" and error["id"] == "retail/1#0#1"
     assert json.loads(tool["next_state"].removeprefix("tool: ")) == {"type": "object", "properties": {
         "order_id": {"type": "string"}, "items": {"type": "array", "items": {"type": "object", "properties": {
             "price": {"type": "number"}}}}}}
     assert tool["meta"]["raw_next_state"] == episode["steps"][0]["next_obs"] and user["next_state"] == "user: thanks"
-    assert user["history"] == [{"obs": "user: where is my order?", "action": episode["steps"][0]["action"]}]
+    assert user["history"] == [{"obs": "user: where is my order?", "action": episode["steps"][0]["action"]},
+                               {"obs": episode["steps"][0]["next_obs"], "action": episode["steps"][1]["action"]}]
     assert tool["meta"]["system_prompt"] == "SYS POLICY" and tool["meta"]["user_info"] == "name: Ann"
 
 
