@@ -176,8 +176,8 @@ def episode_triples(episode: dict, history: int) -> list[dict]:
     with no reply, e.g. on the agent's `done` or at its step limit: nothing to predict), <last `history` turns,
     state, action, next state>. Text games drop invalid actions (paper); τ² keeps a tool call it executed but
     answered with an error (a real transition, and what teaches the model which calls fail), and drops only
-    replies it could not parse at all (step "executed" False). The history counts every earlier step, invalid ones too: it is what the agent
-    saw (τ² uses 5 turns, ALFWorld 2: collect.py's --history). id = task#rollout#t."""
+    replies it could not parse at all (step "executed" False). The history counts every earlier step, invalid
+    ones too: it is what the agent saw (τ² uses 5 turns, ALFWorld 2: collect.py's --history). id = task#rollout#t."""
     steps = episode["steps"]
     context = {k: episode[k] for k in EPISODE_INFO if k in episode}
     triples = []
