@@ -65,6 +65,9 @@ class Settings:
     # wm
     triples: str = field(default="", metadata={"help": "held-out triples JSONL (collect.py's triples_val.jsonl)"})
     n_triples: int | None = field(default=None, metadata={"help": "the first N triples (none = all)"})
+    wm_prompt: str = field(default="rwml", metadata={"choices": ["rwml", "sft"], "help": "the prompt the checkpoint "
+                                                     "was trained with: rwml = reason then predict; sft = the WM SFT "
+                                                     "prompt (filter.py --sft-prompt paper)"})
     embedder: str = field(default="minilm", metadata={"help": "minilm | sentence-transformers id (paper: "
                                                               "Qwen/Qwen3-Embedding-8B)"})
     tau_d: float = field(default=0.2, metadata={"help": "RWML threshold for observations (paper: 0.2 ALFWorld)"})
@@ -234,7 +237,7 @@ def evaluate_wm(s: Settings) -> dict:
     triples = triples[:s.n_triples]
     model, tok = load_model(s.model)
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(s.seed)
-    samples = generate(model, tok, [chat_ids(tok, wm_messages(t)) for t in triples], s.max_new_tokens,
+    samples = generate(model, tok, [chat_ids(tok, wm_messages(t, s.wm_prompt)) for t in triples], s.max_new_tokens,
                        s.temperature, s.top_p, s.batch_size, generator=gen, progress=True)
     del model  # the embedder needs the memory more now
     reward = WorldModelReward(s.embedder, s.tau_d, s.max_state_tokens, tau_d_user=s.tau_d_user)
@@ -243,7 +246,8 @@ def evaluate_wm(s: Settings) -> dict:
              "prediction": extract_next_state(x.text), "next_state": t["next_state"], "response": x.text,
              "finished": x.finished} for t, x, r in zip(triples, samples, scores)]
     write_jsonl(out / "predictions.jsonl", rows)
-    results = {"what": "wm", "model": s.model, "triples": s.triples, "embedder": s.embedder, "tau_d": s.tau_d,
+    results = {"what": "wm", "model": s.model, "triples": s.triples, "wm_prompt": s.wm_prompt, "embedder": s.embedder,
+               "tau_d": s.tau_d,
                "tau_d_user": s.tau_d_user, **wm_results(rows)}
     write_json(out / "results.json", results)
     print(f"world-model accuracy {results['accuracy']:.3f} on {len(rows)} triples "

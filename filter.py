@@ -9,7 +9,8 @@
     python filter.py --sft-only --triples runs/collect/triples_train.jsonl --out-dir runs/wm_sft
         the paper's WM SFT baseline: the same SFT on the training triples; the checkpoint is the product.
 
-The SFT label is "<think> </think>\\n<next_state> {s} </next_state>" + EOS, loss on the label tokens only.
+The SFT label is "<think> </think>\\n<next_state> {s} </next_state>" + EOS, loss on the label tokens only; the prompt
+is the paper's WM SFT prompt (predict directly, prompts.wm_messages style "sft"; --sft-prompt rwml: the RWML one).
 Checkpoints go to out_dir/ckpt/step_N (common.load_model(path) loads one); a rerun resumes from the latest,
 and scoring skips triples already scored. Under torchrun the SFT runs under FSDP2 and each rank scores a
 disjoint shard of the training triples into out_dir/scored/rank{r}.jsonl; rank 0 merges.
@@ -40,6 +41,8 @@ class Settings:
     out_dir: str = common.flag("runs/filter", "config.json, metrics.jsonl, ckpt/, scored/, filtered.jsonl, summary.json")
     model: str = common.flag("smollm2-135m", "base model: tiny | smollm2-135m | HF id | path")
     sft_only: bool = common.flag(False, "WM SFT baseline: SFT on --triples, save the checkpoint, stop")
+    sft_prompt: str = common.flag("paper", "prompt of the SFT and the filter's predictions: paper = the WM SFT "
+                                  "prompt (predict directly); rwml = the RWML reasoning prompt", ["paper", "rwml"])
     seed: int = common.flag(0, "data order, sampling and the keep coin")
     # stage 1: SFT (paper: 2 epochs, lr 2e-6, batch 32)
     epochs: int = common.flag(2, "SFT epochs (0: score with the base model)")
@@ -97,20 +100,24 @@ def load_triples(path) -> list[dict]:
     return rows
 
 
-def wm_prompts(tokenizer, triples: list[dict], max_prompt_tokens: int) -> list[list[int]]:
+SFT_PROMPT_STYLE = {"paper": "sft", "rwml": "rwml"}  # --sft-prompt -> prompts.wm_messages style
+
+
+def wm_prompts(tokenizer, triples: list[dict], max_prompt_tokens: int, sft_prompt: str = "paper") -> list[list[int]]:
     """World-model prompt ids, left-truncated to max_prompt_tokens (the oldest history goes first)."""
-    out = [common.chat_ids(tokenizer, prompts.wm_messages(t)) for t in triples]
+    out = [common.chat_ids(tokenizer, prompts.wm_messages(t, SFT_PROMPT_STYLE[sft_prompt])) for t in triples]
     if cut := sum(len(ids) > max_prompt_tokens for ids in out):
         common.print0(f"warning: {cut} of {len(triples)} prompts were longer than --max-prompt-tokens "
                       f"{max_prompt_tokens} and were left-truncated")
     return [ids[-max_prompt_tokens:] for ids in out]
 
 
-def sft_examples(tokenizer, triples: list[dict], max_prompt_tokens: int) -> list[tuple[list[int], list[int]]]:
+def sft_examples(tokenizer, triples: list[dict], max_prompt_tokens: int,
+                 sft_prompt: str = "paper") -> list[tuple[list[int], list[int]]]:
     """(prompt ids, label ids) per triple; the label is the WM SFT target + EOS."""
     labels = [tokenizer(prompts.wm_sft_target(t["next_state"]), add_special_tokens=False)["input_ids"]
               + [tokenizer.eos_token_id] for t in triples]
-    return list(zip(wm_prompts(tokenizer, triples, max_prompt_tokens), labels))
+    return list(zip(wm_prompts(tokenizer, triples, max_prompt_tokens, sft_prompt), labels))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -143,7 +150,7 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
 
     # fp32 master weights: in bf16 an lr-2e-6 AdamW update is below the rounding step of most weights
     lm, tok = common.load_model(s.model, dtype=torch.float32, device=d.device)
-    examples = sft_examples(tok, triples, s.max_prompt_tokens)
+    examples = sft_examples(tok, triples, s.max_prompt_tokens, s.sft_prompt)
     scorer = common.wrap_for_training(lm, d)
     opt = torch.optim.AdamW(scorer.parameters(), lr=s.lr, weight_decay=0.0)
     start = common.load_checkpoint(last, lm, opt)["step"] if last is not None else 0
@@ -204,7 +211,7 @@ def score(s: Settings, d: common.Dist, model_path: Path, triples: list[dict], pa
     model, tok = common.load_model(str(model_path), device=d.device)
     reward = WorldModelReward(s.embedder, tau_d=s.tau_d, tau_d_user=s.tau_d_user, max_tokens=s.reward_max_tokens,
                               device=str(d.device))
-    prompt_ids = wm_prompts(tok, todo, s.max_prompt_tokens)
+    prompt_ids = wm_prompts(tok, todo, s.max_prompt_tokens, s.sft_prompt)
     out = parts / f"rank{d.rank}.jsonl"
     n_scored = n_easy = 0
     chunks = range(0, len(todo), s.triples_per_chunk)

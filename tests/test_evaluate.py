@@ -10,7 +10,7 @@ import common
 import evaluate
 from common import Sample, read_jsonl, write_jsonl
 from evaluate import agent_stats, inefficient_steps, weight_change, wilson_interval
-from prompts import wm_sft_target
+from prompts import wm_messages, wm_sft_target
 
 # ----------------------------------------------------------------------------------------------------------
 # Wilson interval: published values (Newcombe 1998, Stat. Med. 17:857, Table II, method 3)
@@ -188,6 +188,21 @@ def test_wm_accuracy_by_env_and_kind(tmp_path, triples_file, monkeypatch):
     assert res["by_env"]["alfworld"]["accuracy"] == 0.5 and res["by_env"]["twx"]["accuracy"] == 0.0
     assert res["by_next_kind"] == {"obs": {"n": 3, "accuracy": pytest.approx(1 / 3), "missing_rate": 0.0},
                                    "user": {"n": 1, "accuracy": 1.0, "missing_rate": 0.0}}
+
+
+@pytest.mark.parametrize("wm_prompt", ["rwml", "sft"])
+def test_wm_eval_prompts_with_the_prompt_the_checkpoint_was_trained_on(tmp_path, triples_file, monkeypatch, wm_prompt):
+    seen = []
+
+    def record(model, tok, prompts, *args, **kw):
+        seen.extend(prompts)
+        return [Sample(p, [1], wm_sft_target("x"), [0.0], True) for p in prompts]
+    monkeypatch.setattr(evaluate, "generate", record)
+    evaluate.main(["--what", "wm", "--model", "tiny", "--triples", str(triples_file), "--wm-prompt", wm_prompt,
+                   "--out-dir", str(tmp_path / "wm")])
+    tok = common.load_tokenizer("tiny")
+    assert seen == [common.chat_ids(tok, wm_messages(t, wm_prompt)) for t in TRIPLES]
+    assert json.loads((tmp_path / "wm" / "results.json").read_text())["wm_prompt"] == wm_prompt
 
 
 def test_wm_eval_names_a_bad_triples_line(tmp_path):
