@@ -70,6 +70,8 @@ class Settings:
                                                      "prompt (filter.py --sft-prompt paper)"})
     embedder: str = field(default="minilm", metadata={"help": "minilm | sentence-transformers id (paper: "
                                                               "Qwen/Qwen3-Embedding-8B)"})
+    embed_instruction: str = field(default="auto", metadata={"help": "truth-side instruction: auto (if an "
+                                                                      "instruct embedder) | none | text"})
     tau_d: float = field(default=0.2, metadata={"help": "RWML threshold for observations (paper: 0.2 ALFWorld)"})
     tau_d_user: float = field(default=0.4, metadata={"help": "RWML threshold for τ² user replies (paper: 0.4)"})
     max_state_tokens: int = field(default=100, metadata={"help": "truncate states before scoring (100 ALFWorld, "
@@ -240,7 +242,8 @@ def evaluate_wm(s: Settings) -> dict:
     samples = generate(model, tok, [chat_ids(tok, wm_messages(t, s.wm_prompt)) for t in triples], s.max_new_tokens,
                        s.temperature, s.top_p, s.batch_size, generator=gen, progress=True)
     del model  # the embedder needs the memory more now
-    reward = WorldModelReward(s.embedder, s.tau_d, s.max_state_tokens, tau_d_user=s.tau_d_user)
+    reward = WorldModelReward(s.embedder, s.tau_d, s.max_state_tokens, tau_d_user=s.tau_d_user,
+                              embed_instruction=s.embed_instruction)
     scores = reward([x.text for x in samples], triples).tolist()
     rows = [{"id": t["id"], "env": t["env"], "next_kind": t["next_kind"], "reward": r,
              "prediction": extract_next_state(x.text), "next_state": t["next_state"], "response": x.text,

@@ -59,6 +59,7 @@ class Settings:
     triples_per_chunk: int = common.flag(8, "triples scored together; their rows are appended as one resumable unit")
     gen_batch_size: int = common.flag(32, "sequences per generate batch")
     embedder: str = common.flag("minilm", "reward embedder: minilm | a sentence-transformers id")
+    embed_instruction: str = common.flag("auto", "truth-side instruction: auto (if an instruct embedder) | none | text")
     tau_d: float = common.flag(0.1, "strict threshold on 1 - cos for observations (paper: 0.1 ALFWorld)")
     tau_d_user: float = common.flag(0.15, "strict threshold for τ² user replies (paper: 0.15)")
     reward_max_tokens: int = common.flag(100, "truncate states to this many embedder tokens (paper: 100 ALFWorld, 512 τ²)")
@@ -210,7 +211,7 @@ def score(s: Settings, d: common.Dist, model_path: Path, triples: list[dict], pa
         return
     model, tok = common.load_model(str(model_path), device=d.device)
     reward = WorldModelReward(s.embedder, tau_d=s.tau_d, tau_d_user=s.tau_d_user, max_tokens=s.reward_max_tokens,
-                              device=str(d.device))
+                              embed_instruction=s.embed_instruction, device=str(d.device))
     prompt_ids = wm_prompts(tok, todo, s.max_prompt_tokens, s.sft_prompt)
     out = parts / f"rank{d.rank}.jsonl"
     n_scored = n_easy = 0

