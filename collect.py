@@ -2,7 +2,8 @@
 
 The target model plays the env itself: `rollouts` episodes per task at temperature 1.0, up to `max_steps` steps;
 every step with a valid action becomes a triple <last `history` turns, state, action, next state>. Triples are split
-90/10 by task (the validation part trains filter.py's filter model).
+90/10 at random, seeded (the paper; --val-split tasks: by task, so validation tasks are unseen); the validation part
+trains filter.py's filter model.
 
   python collect.py --env alfworld --split train --model smollm2-135m --out-dir runs/collect
   torchrun --nproc_per_node 8 collect.py ...      # each rank plays a disjoint shard of (task, rollout) pairs
@@ -53,7 +54,10 @@ class Settings:
     out_dir: str = "runs/collect"
     batch_size: int = field(default=16, metadata={"help": "episodes played at once (one generate call per step)"})
     n_workers: int = field(default=0, metadata={"help": "env worker processes (0 = envs in this process)"})
-    val_frac: float = field(default=0.1, metadata={"help": "fraction of tasks whose triples go to triples_val"})
+    val_frac: float = field(default=0.1, metadata={"help": "fraction of the triples (or tasks) in triples_val"})
+    val_split: str = field(default="triples", metadata={"choices": ["triples", "tasks"], "help": "triples: a seeded "
+                                                        "random 90/10 of the triples (paper); tasks: whole tasks on "
+                                                        "each side"})
     explore: float = field(default=0.0, metadata={"help": "probability that a step takes a random admissible "
                                                           "action instead of the model's (0 = paper; a model too "
                                                           "small to follow the format yields no triples without it)"})
@@ -91,13 +95,16 @@ def merge_episodes(out: Path) -> list[dict]:
     return episodes
 
 
-def split_by_task(triples: list[dict], val_frac: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """90/10 by task (paper §2.2): all triples of a task land on the same side, so val tasks are unseen."""
-    tasks = sorted({t["task_id"] for t in triples})
-    random.Random(seed).shuffle(tasks)
-    n_val = max(1, round(val_frac * len(tasks))) if val_frac > 0 and len(tasks) > 1 else 0
-    val = set(tasks[:n_val])
-    return [t for t in triples if t["task_id"] not in val], [t for t in triples if t["task_id"] in val]
+def split_triples(triples: list[dict], val_frac: float, seed: int,
+                  by: str = "triples") -> tuple[list[dict], list[dict]]:
+    """-> (train, val), each in the input order. by "triples": a seeded random val_frac of the triples (paper §2.2:
+    21,011 / 2,288); by "tasks": a seeded random val_frac of the tasks, all triples of a task on the same side."""
+    units = [t["id"] for t in triples] if by == "triples" else sorted({t["task_id"] for t in triples})
+    random.Random(seed).shuffle(units)
+    n_val = max(1, round(val_frac * len(units))) if val_frac > 0 and len(units) > 1 else 0
+    val = set(units[:n_val])
+    key = "id" if by == "triples" else "task_id"
+    return [t for t in triples if t[key] not in val], [t for t in triples if t[key] in val]
 
 
 def episode_stats(episodes: list[dict]) -> dict:
@@ -112,7 +119,7 @@ def episode_stats(episodes: list[dict]) -> dict:
 
 def write_outputs(s: Settings, out: Path, episodes: list[dict], run: dict) -> dict:
     triples = [t for e in episodes for t in episode_triples(e, s.history)]
-    train, val = split_by_task(triples, s.val_frac, s.seed)
+    train, val = split_triples(triples, s.val_frac, s.seed, s.val_split)
     write_jsonl(out / "triples.jsonl", triples)
     write_jsonl(out / "triples_train.jsonl", train)
     write_jsonl(out / "triples_val.jsonl", val)

@@ -86,7 +86,10 @@ def check_outputs(s: collect.Settings) -> tuple[list[dict], list[dict]]:
     train = read_jsonl(out / "triples_train.jsonl")
     val = read_jsonl(out / "triples_val.jsonl")
     assert sorted(t["id"] for t in train + val) == sorted(t["id"] for t in triples)
-    assert not {t["task_id"] for t in train} & {t["task_id"] for t in val}
+    if s.val_split == "tasks":
+        assert not {t["task_id"] for t in train} & {t["task_id"] for t in val}
+    else:
+        assert len(val) == (max(1, round(s.val_frac * len(triples))) if len(triples) > 1 else 0)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["episodes"] == len(episodes) and stats["env_steps"] == n_steps
     assert stats["triples_kept"] == len(triples) == n_steps - n_invalid == n_steps - stats["triples_dropped"]
@@ -233,6 +236,17 @@ def test_tau2_shaped_env_system_prompt_kinds_and_masked_tool_replies():
     assert tool["meta"]["system_prompt"] == "SYS POLICY" and tool["meta"]["user_info"] == "name: Ann"
 
 
+def test_val_split_is_random_over_triples_by_default_or_by_task():
+    rows = [{"id": f"t{k}#0#{i}", "task_id": f"t{k}"} for k in range(4) for i in range(10)]
+    train, val = collect.split_triples(rows, 0.1, seed=0)
+    assert len(val) == 4 and len(train) == 36 and {r["id"] for r in train + val} == {r["id"] for r in rows}
+    assert len({r["task_id"] for r in val}) > 1   # whole tasks would put 10 triples of one task there
+    assert (train, val) == collect.split_triples(rows, 0.1, seed=0) != collect.split_triples(rows, 0.1, seed=1)
+    train, val = collect.split_triples(rows, 0.25, seed=0, by="tasks")
+    assert len(val) == 10 and len({r["task_id"] for r in val}) == 1
+    assert not {r["task_id"] for r in train} & {r["task_id"] for r in val}
+
+
 def test_merge_keeps_one_row_per_pair_and_a_retry_replaces_a_failed_row(tmp_path):
     row = {"task_id": "a", "rollout": 0, "steps": [], "n_steps": 0, "success": False}
     (tmp_path / "episodes.jsonl").write_text(json.dumps({**row, "error": "boom"}) + "\n" + json.dumps(
@@ -267,7 +281,7 @@ def test_tiny_model_on_alfworld_writes_valid_files(tmp_path):
 
 
 def test_triples_line_up_with_episodes_and_invalid_steps_are_dropped(tmp_path):
-    s = settings(tmp_path, env="alfworld", split="valid_seen", max_steps=8, rollouts=2, history=2)
+    s = settings(tmp_path, env="alfworld", split="valid_seen", max_steps=8, rollouts=2, history=2, val_split="tasks")
     collect.main(s, act=mixed_actor())
     episodes, triples = check_outputs(s)
     invalid = [st for e in episodes for st in e["steps"] if not st["valid"]]
