@@ -69,8 +69,23 @@ def test_agent_stats_pool_steps_over_episodes():
     assert stats["invalid_rate"] == pytest.approx(4 / 20)
     assert stats["inefficient_rate"] == pytest.approx(8 / 20)
     assert stats["invalid_or_inefficient_rate"] == pytest.approx(12 / 20)
+    # the paper's count: every valid look / examine (7 in CRAFTED: not inventory, not the invalid "look around")
+    assert stats["inefficient_rate_paper"] == pytest.approx(7 / 20)
+    assert stats["invalid_or_inefficient_rate_paper"] == pytest.approx(11 / 20)
     by_type = evaluate.agent_results([won, lost])["by_task_type"]
     assert by_type["a"]["success"] == 1.0 and by_type["b"]["inefficient_rate"] == pytest.approx(4 / 8)
+
+
+def test_success_mean_and_std_over_rollouts():
+    """3 tasks x 3 rollouts; rollout r is one run of the benchmark: 2/3, 1/3, 0/3 -> mean 1/3, sample std 1/3."""
+    wins = {("a", 0), ("b", 0), ("a", 1)}
+    episodes = [{"task_id": t, "rollout": r, "success": (t, r) in wins, "steps": []} for t in "abc" for r in range(3)]
+    stats = agent_stats(episodes)
+    assert stats["success_by_rollout"] == pytest.approx([2 / 3, 1 / 3, 0.0])
+    assert stats["success_mean"] == pytest.approx(1 / 3) and stats["success_std"] == pytest.approx(1 / 3)
+    assert stats["success"] == pytest.approx(3 / 9) and stats["success_ci95"] == pytest.approx(list(wilson_interval(3, 9)))
+    one = agent_stats(episodes[::3])   # rollout 0 only
+    assert one["success_by_rollout"] == pytest.approx([2 / 3]) and one["success_std"] == 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -287,7 +302,7 @@ FIXTURE_GAMES = Path(__file__).resolve().parent / "fixtures" / "alfworld"
 
 def agent_eval(out, n_tasks):
     return evaluate.main(["--what", "agent", "--model", "tiny", "--env", "alfworld", "--split", "valid_seen",
-                          "--n-tasks", str(n_tasks), "--max-steps", "2", "--max-new-tokens", "8",
+                          "--n-tasks", str(n_tasks), "--max-steps", "2", "--max-new-tokens", "8", "--greedy",
                           "--out-dir", str(out)])
 
 
@@ -303,6 +318,8 @@ def test_agent_eval_writes_results_and_resumes_without_duplicates(tmp_path, monk
     assert res["invalid_rate"] == 1.0 and res["success"] == 0.0 and res["success_ci95"][0] == 0.0
     assert list(res["by_task_type"]) == [first[0]["task_type"]]
     assert json.loads((out / "results.json").read_text()) == res
+    config = json.loads((out / "config.json").read_text())
+    assert (config["temperature"], config["rollouts"]) == (0.0, 1)   # --greedy, resolved
 
     # a larger run in the same dir plays only the new task
     res = agent_eval(out, 2)
