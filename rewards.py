@@ -16,7 +16,16 @@ INSTRUCT_EMBEDDER_NAMES = ("qwen3-embedding",)  # in a hub id or a local path (a
 TRUTH_PROMPT = ("Instruct: Given the real next state of an environment, retrieve predictions that describe "
                 "the same state\nQuery:")
 ROUGE_L = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-JUDGE_PROMPT = """You compare a predicted environment state with the real one.
+# LLM-as-judge ablations (paper Table 4): the judge sees the state, the action, the real next state and the
+# prediction; "judge-binary" asks yes/no, "judge-score" a 0-10 score (scaled to [0, 1]).
+JUDGE_CONTEXT = """You judge a world model: given the current state of an environment and an action, it predicted the
+next state. Compare its prediction with the real next state.
+
+Current state:
+{state}
+
+Action:
+{action}
 
 Real next state:
 {truth}
@@ -24,7 +33,11 @@ Real next state:
 Predicted next state:
 {pred}
 
-Does the prediction match the real next state? Answer yes or no."""
+"""
+JUDGE_ASK = {"judge-binary": "Does the prediction describe the real next state? Answer yes or no.",
+             "judge-score": "How well does the prediction describe the real next state? Answer with one integer from "
+                            "0 (unrelated) to 10 (the same state), nothing else."}
+MODES = ("binary", "score", "judge-binary", "judge-score")
 
 
 def load_embedder(name: str, device=None) -> SentenceTransformer:
@@ -59,6 +72,31 @@ def judge_says_yes(answer: str) -> bool:
     return re.match(r"\W*yes\b", answer, flags=re.I) is not None  # tolerate "**Yes**.", "  YES", '"yes"'
 
 
+def judge_score(answer: str) -> float:
+    """The judge's 0-10 score as a reward in [0, 1]: the first number after any <think> block, "8/10" read as 8;
+    no number, or one outside 0-10, is unparseable -> 0 (never rewarded by luck)."""
+    answer = re.sub(r"<think>.*?</think>", "", answer, flags=re.S)
+    m = re.search(r"(?<![\w.-])(\d+(?:\.\d+)?)", answer)
+    if m is None or not 0 <= float(m.group(1)) <= 10:
+        return 0.0
+    return float(m.group(1)) / 10
+
+
+def make_judge(judge_model: str, device=None, max_new_tokens: int = 64):
+    """--judge-model -> a callable messages -> reply text: "litellm:<name>" for a hosted model (needs its API key),
+    anything else a local model for common.load_model (tiny | smollm2-135m | HF id | path), greedy."""
+    if judge_model.startswith("litellm:"):
+        import litellm
+
+        def hosted(messages: list[dict]) -> str:
+            reply = litellm.completion(model=judge_model.removeprefix("litellm:"), messages=messages, temperature=0.0,
+                                       max_tokens=max_new_tokens)
+            return reply.choices[0].message.content or ""
+        return hosted
+    from common import chat_fn, load_model
+    return chat_fn(*load_model(judge_model, device=device), max_new_tokens=max_new_tokens)
+
+
 def policy_step_rewards(steps: list[dict], won: bool, win_reward: float = 10.0, penalty: float = 0.1,
                         penalize: str = "format") -> list[float]:
     """Policy RL reward per env step (verl-agent's ALFWorld setting, ../shared/PAPER.md): the last step gets
@@ -78,24 +116,26 @@ def policy_step_rewards(steps: list[dict], won: bool, win_reward: float = 10.0, 
 class WorldModelReward:
     """r = 1 if 1 - cos(E(pred), E(truth)) < tau_d[next_kind] else 0; tool replies score snapped ROUGE-L.
 
-    mode "binary" (the paper), "score" (the raw cosine, continuous ablation), "judge" (LLM-as-judge ablation:
-    `judge` is a callable messages -> reply text, e.g. common.chat_fn). Tool replies use ROUGE in every mode.
+    mode "binary" (the paper), "score" (the raw cosine, continuous ablation), "judge-binary" / "judge-score" (the
+    LLM-as-judge ablations of Table 4: `judge` is a callable messages -> reply text, e.g. make_judge). Tool replies
+    use ROUGE in every mode. Only the prediction is truncated to max_tokens (a long generation cannot hide a right
+    answer behind the cap); the truth is scored as it is (the embedder reads up to its own cap).
     """
 
     def __init__(self, embedder: str = "minilm", tau_d: float = 0.2, max_tokens: int = 100, device=None,
                  mode: str = "binary", tau_d_user: float = 0.4, judge=None, embed_instruction: str = "auto"):
-        if mode not in ("binary", "score", "judge"):
-            raise ValueError(f"WorldModelReward: mode must be binary, score or judge, got {mode!r}")
-        if mode == "judge" and judge is None:
-            raise ValueError("WorldModelReward: mode='judge' needs a judge callable (messages -> str)")
+        if mode not in MODES:
+            raise ValueError(f"WorldModelReward: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode.startswith("judge") and judge is None:
+            raise ValueError(f"WorldModelReward: mode={mode!r} needs a judge callable (messages -> str)")
         self.mode, self.judge, self.max_tokens = mode, judge, max_tokens
         self.tau_d = {"obs": tau_d, "user": tau_d_user}  # paper: 0.2 ALFWorld observations, 0.4 τ² user replies
         self.model = load_embedder(embedder, device)  # also the tokenizer that truncates, in every mode
         self.truth_prompt = truth_instruction(embed_instruction, embedder, self.model)
-        if mode != "judge" and max_tokens > self.model.max_seq_length:   # MiniLM: 256 < τ²'s 512
+        if not mode.startswith("judge") and max_tokens > self.model.max_seq_length:   # MiniLM: 256 < τ²'s 512
             print(f"warning: the embedder {embedder!r} reads at most {self.model.max_seq_length} tokens; states "
                   f"truncated to {max_tokens} are cut further when embedded")
-        self.truth_cache: dict[str, torch.Tensor] = {}  # truncated truth text -> normalised embedding [D]
+        self.truth_cache: dict[str, torch.Tensor] = {}  # truth text -> normalised embedding [D]
 
     def truncate(self, texts: list[str]) -> list[str]:
         """Keep the first max_tokens tokens of each text, cut on the original characters (no decode round-trip)."""
@@ -122,7 +162,7 @@ class WorldModelReward:
         if bad := set(kinds) - {"obs", "user", "tool"}:
             raise ValueError(f"WorldModelReward: next_kind must be obs, user or tool, got {sorted(bad)}")
         preds = self.truncate([extract_next_state(r) for r in responses])
-        truths = self.truncate([t["next_state"] for t in triples])
+        truths = [t["next_state"] for t in triples]
         rewards = torch.zeros(len(responses))
         for i, kind in enumerate(kinds):
             if kind == "tool":
@@ -130,10 +170,13 @@ class WorldModelReward:
         idx = [i for i, kind in enumerate(kinds) if kind != "tool"]
         if not idx:
             return rewards
-        if self.mode == "judge":
+        if self.mode.startswith("judge"):
+            parse = judge_says_yes if self.mode == "judge-binary" else judge_score
             for i in idx:
-                reply = self.judge([{"role": "user", "content": JUDGE_PROMPT.format(truth=truths[i], pred=preds[i])}])
-                rewards[i] = float(judge_says_yes(reply))
+                t = triples[i]
+                prompt = JUDGE_CONTEXT.format(state=t.get("state", ""), action=t.get("action", ""), truth=truths[i],
+                                              pred=preds[i]) + JUDGE_ASK[self.mode]
+                rewards[i] = float(parse(self.judge([{"role": "user", "content": prompt}])))
             return rewards
         cos = self.similarity([preds[i] for i in idx], [truths[i] for i in idx])
         if self.mode == "score":

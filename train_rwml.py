@@ -110,7 +110,11 @@ class Settings:
     tau_d: float = common.flag(0.2, "reward 1 if 1 - cos < tau_d (paper: 0.2 ALFWorld)")
     tau_d_user: float = common.flag(0.4, "tau_d for τ² user replies (paper: 0.4)")
     reward_max_tokens: int = common.flag(100, "predictions and truths truncated before scoring (paper: 100 ALFWorld, 512 τ²)")
-    reward_mode: str = common.flag("binary", "binary (paper) | score (raw cosine)", ["binary", "score"])
+    reward_mode: str = common.flag("binary", "binary (paper) | score (raw cosine) | judge-binary / judge-score "
+                                   "(Table 4's LLM-judge ablations: yes/no, or a 0-10 score / 10)",
+                                   ["binary", "score", "judge-binary", "judge-score"])
+    judge_model: str = common.flag("", "the judge of --reward-mode judge-*: a local model (tiny | smollm2-135m | HF id "
+                                   "| path) or litellm:<name>")
     # diagnostics (issue 12; README "Diagnostics")
     tis_cap: float = common.flag(0.0, "truncated importance sampling: weight each token by min(pi_train/pi_rollout, C) "
                                "(0 = off)")
@@ -492,9 +496,12 @@ def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, schedul
 
 def make_reward(s: Settings):
     """-> score(samples, triples) -> float tensor [N]: the RWML reward of each sample's text against its triple."""
-    from rewards import WorldModelReward
+    from rewards import WorldModelReward, make_judge
+    if s.reward_mode.startswith("judge") and not s.judge_model:
+        raise SystemExit(f"--reward-mode {s.reward_mode} needs --judge-model (a local model or litellm:<name>)")
+    judge = make_judge(s.judge_model) if s.reward_mode.startswith("judge") else None
     wm = WorldModelReward(s.embedder, s.tau_d, s.reward_max_tokens, mode=s.reward_mode, tau_d_user=s.tau_d_user,
-                          embed_instruction=s.embed_instruction)
+                          judge=judge, embed_instruction=s.embed_instruction)
     return lambda samples, triples: wm([x.text for x in samples], triples)
 
 

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rewards import TRUTH_PROMPT, WorldModelReward, judge_says_yes, policy_step_rewards, rouge_l_snapped
+from rewards import (TRUTH_PROMPT, WorldModelReward, judge_says_yes, make_judge, policy_step_rewards,
+                     rouge_l_snapped)
 
 # (real ALFWorld observation, a paraphrase, an unrelated observation)
 ALFWORLD = [
@@ -121,17 +122,18 @@ TOOL_CASES = [  # (prediction, ROUGE-L F1 worked by hand, snapped)
 
 
 def test_tool_replies_score_snapped_rouge_l_in_every_mode(binary, score):
-    judge = WorldModelReward(mode="judge", judge=lambda messages: pytest.fail("tool replies never reach the judge"))
+    judges = [WorldModelReward(mode=mode, judge=lambda messages: pytest.fail("tool replies never reach the judge"))
+              for mode in ("judge-binary", "judge-score")]
     responses = [wm_reply(pred) for pred, _ in TOOL_CASES]
     triples = [triple(TOOL_TRUTH, "tool")] * len(TOOL_CASES)
     expected = torch.tensor([snapped for _, snapped in TOOL_CASES])
-    for reward in (binary, score, judge):
+    for reward in (binary, score, *judges):
         assert torch.equal(reward(responses, triples), expected)
     # stemmed: "orders"/"order", "cancelled"/"cancel" match, F .75 -> 0.8 (unstemmed only "the" matches: .25 -> 0.2)
     assert rouge_l_snapped("the order was cancel", "the orders were cancelled") == 0.8
 
 
-def test_judge_mode_asks_the_judge_about_the_truncated_pair():
+def test_judge_binary_sees_state_action_truth_and_the_truncated_prediction():
     truth, para, other = ALFWORLD[0]
     asked = []
 
@@ -139,9 +141,39 @@ def test_judge_mode_asks_the_judge_about_the_truncated_pair():
         asked.append(messages[-1]["content"])
         return "**Yes**, they match." if "apple" in messages[-1]["content"].split("Predicted")[1] else "<think>apple?</think> No."
 
-    reward = WorldModelReward(mode="judge", judge=fake_judge)
-    assert reward([wm_reply(para), wm_reply(other), ""], [triple(truth), triple(truth, "user"), triple(truth)]).tolist() == [1.0, 0.0, 0.0]
+    reward = WorldModelReward(mode="judge-binary", judge=fake_judge)
+    rows = [{**triple(truth), "state": "You are in the kitchen.", "action": "go to countertop 1"},
+            triple(truth, "user"), triple(truth)]
+    assert reward([wm_reply(para), wm_reply(other), ""], rows).tolist() == [1.0, 0.0, 0.0]
     assert len(asked) == 3 and truth in asked[0] and para in asked[0] and "none" in asked[2]
+    assert "You are in the kitchen." in asked[0] and "go to countertop 1" in asked[0] and "yes or no" in asked[0]
+    # only the prediction is cut to max_tokens; the judge (and the embedder) get the whole truth
+    long = "You arrive at shelf 1. On the shelf 1, you see " + ", ".join(f"a book {i}" for i in range(1, 60)) + "."
+    asked.clear()
+    reward([wm_reply(long)], [triple(long)])
+    pred_part = asked[0].split("Predicted next state:")[1]
+    assert long in asked[0].split("Predicted next state:")[0] and long not in pred_part
+    assert reward.truncate([long])[0] in pred_part
+
+
+def test_judge_score_parses_a_0_to_10_score_and_unparseable_is_zero():
+    replies = iter(["7", "<think>close, maybe 9</think> Score: 8/10", "I cannot say", "11", "-3", "10.", "2.5"])
+    asked = []
+
+    def fake_judge(messages):
+        asked.append(messages[-1]["content"])
+        return next(replies)
+
+    reward = WorldModelReward(mode="judge-score", judge=fake_judge)
+    truth = ALFWORLD[0][0]
+    got = reward([wm_reply(truth)] * 7, [triple(truth)] * 7)
+    assert got.tolist() == pytest.approx([0.7, 0.8, 0.0, 0.0, 0.0, 1.0, 0.25])
+    assert "0 (unrelated) to 10" in asked[0]
+
+
+def test_make_judge_runs_a_local_model():
+    judge = make_judge("tiny", max_new_tokens=4)
+    assert isinstance(judge([{"role": "user", "content": "Answer yes or no."}]), str)
 
 
 @pytest.mark.parametrize("answer, says_yes", [
@@ -201,6 +233,8 @@ def test_bad_input_is_named(binary):
     with pytest.raises(ValueError, match="1 responses but 2 triples"):
         binary(["x"], [triple("y")] * 2)
     with pytest.raises(ValueError, match="judge callable"):
+        WorldModelReward(mode="judge-score")
+    with pytest.raises(ValueError, match="mode must be one of"):
         WorldModelReward(mode="judge")
 
 

@@ -186,6 +186,22 @@ def test_ablation_settings_run(tmp_path, monkeypatch, triples, flags):
         assert changed and all("proj" in n for n in changed)   # LoRA adapts the linear layers only
 
 
+def test_judge_score_reward_ablation(tmp_path, triples, monkeypatch):
+    """--reward-mode judge-score --judge-model NAME: the judge make_judge builds scores every prediction."""
+    import rewards
+    built = []
+
+    def fake_make_judge(name, device=None, max_new_tokens=64):
+        built.append(name)
+        return lambda messages: "7"
+    monkeypatch.setattr(rewards, "make_judge", fake_make_judge)
+    train_rwml.main(small("tiny", triples, tmp_path, "--max-steps", "1", "--group-size", "2", "--reward-mode",
+                          "judge-score", "--judge-model", "some-judge"))
+    assert built == ["some-judge"] and metrics(tmp_path)[0]["reward_mean"] == pytest.approx(0.7)
+    with pytest.raises(SystemExit, match="needs --judge-model"):
+        train_rwml.main(small("tiny", triples, tmp_path / "x", "--max-steps", "1", "--reward-mode", "judge-binary"))
+
+
 DRIVER = """
 import sys
 sys.path.insert(0, {root!r})
