@@ -312,7 +312,8 @@ def test_collect_filter_train_evaluate_on_tau2(tmp_path):
     assert wm["n"] == len(read_jsonl(data / "triples_val.jsonl")) and set(wm["by_next_kind"]) <= {"tool", "user"}
     agent = evaluate.main(["--what", "agent", "--model", "tiny", "--env", "tau2", "--split", "test",
                            "--task-type", "airline", "--n-tasks", "1", "--max-steps", "2", "--max-new-tokens", "8",
-                           "--history", "5", "--user-model", "tiny", "--out-dir", str(tmp_path / "eval_agent")])
+                           "--history", "5", "--user-model", "tiny", "--greedy",
+                           "--out-dir", str(tmp_path / "eval_agent")])
     assert agent["n_episodes"] == 1 and agent["trials"] == 1 and list(agent["by_task_type"]) == ["airline"]
     assert agent["by_task_type"]["airline"]["n_tasks"] == 1 and agent["success"] == 0.0
 
