@@ -49,7 +49,9 @@ class Settings:
                                                                   "tau2: a domain, airline | retail | telecom)"})
     user_model: str = field(default="smollm2-135m", metadata={"help": "τ² user simulator: a local model (tiny | "
                                                                       "smollm2-135m | HF id | path) or "
-                                                                      "litellm:<name>, e.g. litellm:gpt-4.1"})
+                                                                      "litellm:<name>, e.g. litellm:gpt-4.1; a "
+                                                                      "comma list splits the rollouts into blocks "
+                                                                      "(paper: 3 + 3 with two simulators)"})
     seed: int = 0
     out_dir: str = "runs/collect"
     batch_size: int = field(default=16, metadata={"help": "episodes played at once (one generate call per step)"})
@@ -74,10 +76,19 @@ def check_settings(s: Settings) -> None:
            if getattr(s, k) < lo]
     if s.n_tasks is not None and s.n_tasks < 1:
         bad.append(f"--n-tasks must be >= 1 (or none for all), got {s.n_tasks}")
+    if len(s.user_model.split(",")) > s.rollouts:
+        bad.append(f"--user-model names {len(s.user_model.split(','))} simulators for --rollouts {s.rollouts}")
     if not 0 <= s.val_frac < 1:
         bad.append(f"--val-frac must be in [0, 1), got {s.val_frac}")
     if bad:
         raise SystemExit("; ".join(bad))
+
+
+def user_model_of(s: Settings, rollout: int) -> str:
+    """The user simulator of rollout r: with k comma-separated models, rollouts are split into k contiguous blocks
+    (6 rollouts, "a,b": 0-2 play with a, 3-5 with b), so ids (task#rollout#t) never collide across simulators."""
+    models = s.user_model.split(",")
+    return models[rollout * len(models) // s.rollouts]
 
 
 def merge_episodes(out: Path) -> list[dict]:
@@ -155,8 +166,9 @@ def main(s: Settings, act=None) -> dict | None:
     if dist.is_initialized():
         dist.barrier()
     seed_everything(s.seed + d.rank)
-    suite = make_suite(s.env, s.split, task_type=s.task_type, user_model=s.user_model, device=d.device,
-                       n_workers=s.n_workers)
+    suites = {m: make_suite(s.env, s.split, task_type=s.task_type, user_model=m, device=d.device,
+                            n_workers=s.n_workers) for m in dict.fromkeys(s.user_model.split(","))}
+    suite = next(iter(suites.values()))  # every suite holds the same tasks
     jobs = [(task_id, r) for task_id in pick_tasks(suite.task_ids, s.n_tasks, s.seed) for r in range(s.rollouts)]
     finished = {(e["task_id"], e["rollout"]) for e in read_jsonl(out / "episodes.jsonl") if "error" not in e}
     all_todo = [job for job in jobs if job not in finished]
@@ -187,6 +199,8 @@ def main(s: Settings, act=None) -> dict | None:
 
     def save(episode: dict) -> None:  # one fsynced line per finished episode: a kill loses only the live ones
         episode = strip_samples(episode)
+        if s.env == "tau2":
+            episode["user_model"] = user_model_of(s, episode["rollout"])
         append_jsonl(part, [episode])
         invalid = sum(not st["valid"] for st in episode["steps"])
         for k, v in (("episodes", 1), ("wins", episode["success"]), ("steps", episode["n_steps"]),
@@ -201,8 +215,10 @@ def main(s: Settings, act=None) -> dict | None:
                      "error": episode.get("error"), "success_so_far": counts["wins"] / counts["episodes"]})
 
     try:
-        run_episodes(timed_act, suite, todo, env=s.env, split=s.split, model=s.model, max_steps=s.max_steps,
-                     history=s.history, n_workers=s.n_workers, batch_size=s.batch_size, on_done=save)
+        for user_model, user_suite in suites.items():
+            run_episodes(timed_act, user_suite, [job for job in todo if user_model_of(s, job[1]) == user_model],
+                         env=s.env, split=s.split, model=s.model, max_steps=s.max_steps, history=s.history,
+                         n_workers=s.n_workers, batch_size=s.batch_size, on_done=save)
     except KeyboardInterrupt:
         print0(f"\ninterrupted: {counts['episodes']} finished episodes are saved in {part}; rerun to resume")
         raise

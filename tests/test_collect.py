@@ -247,6 +247,29 @@ def test_val_split_is_random_over_triples_by_default_or_by_task():
     assert not {r["task_id"] for r in train} & {r["task_id"] for r in val}
 
 
+def test_rollouts_split_across_user_simulators_in_blocks(tmp_path, monkeypatch):
+    """Paper App. C.1: 3 rollouts with one user simulator + 3 with another, one collect run, unique ids."""
+    made = []
+
+    class Suite(FakeTau2Suite):
+        task_ids = ["retail/1", "retail/2"]
+
+    def make_suite(env, split, *, user_model, **kw):
+        made.append(user_model)
+        return Suite()
+    monkeypatch.setattr(collect, "make_suite", make_suite)
+    s = settings(tmp_path, env="tau2", rollouts=6, user_model="sim-a,litellm:sim-b", history=5)
+    collect.main(s, act=lambda messages_list, infos: [reply("hi") for _ in infos])
+    assert made == ["sim-a", "litellm:sim-b"]
+    episodes = read_jsonl(Path(s.out_dir) / "episodes.jsonl")
+    assert sorted((e["task_id"], e["rollout"], e["user_model"]) for e in episodes) == [
+        (t, r, "sim-a" if r < 3 else "litellm:sim-b") for t in Suite.task_ids for r in range(6)]
+    triples = read_jsonl(Path(s.out_dir) / "triples.jsonl")
+    assert len({t["id"] for t in triples}) == len(triples) == 2 * 6 * 3   # 3 user replies per episode
+    with pytest.raises(SystemExit, match="3 simulators for --rollouts 2"):
+        collect.main(settings(tmp_path / "x", env="tau2", rollouts=2, user_model="a,b,c"))
+
+
 def test_merge_keeps_one_row_per_pair_and_a_retry_replaces_a_failed_row(tmp_path):
     row = {"task_id": "a", "rollout": 0, "steps": [], "n_steps": 0, "success": False}
     (tmp_path / "episodes.jsonl").write_text(json.dumps({**row, "error": "boom"}) + "\n" + json.dumps(
