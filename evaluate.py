@@ -78,7 +78,7 @@ class Settings:
                                                                       "instruct embedder) | none | text"})
     tau_d: float = field(default=0.2, metadata={"help": "RWML threshold for observations (paper: 0.2 ALFWorld)"})
     tau_d_user: float = field(default=0.4, metadata={"help": "RWML threshold for τ² user replies (paper: 0.4)"})
-    max_state_tokens: int = field(default=100, metadata={"help": "truncate states before scoring (100 ALFWorld, "
+    max_state_tokens: int = field(default=100, metadata={"help": "truncate predictions before scoring (100 ALFWorld, "
                                                                  "512 τ²)"})
     # weights
     base: str = field(default="", metadata={"help": "base model the checkpoint started from: a dir (streamed, "

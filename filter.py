@@ -62,7 +62,7 @@ class Settings:
     embed_instruction: str = common.flag("auto", "truth-side instruction: auto (if an instruct embedder) | none | text")
     tau_d: float = common.flag(0.1, "strict threshold on 1 - cos for observations (paper: 0.1 ALFWorld)")
     tau_d_user: float = common.flag(0.15, "strict threshold for τ² user replies (paper: 0.15)")
-    reward_max_tokens: int = common.flag(100, "truncate states to this many embedder tokens (paper: 100 ALFWorld, 512 τ²)")
+    reward_max_tokens: int = common.flag(100, "truncate predictions to this many tokens (paper: 100 ALFWorld, 512 τ²)")
     min_hits: int = common.flag(1, "a triple is easy when at least this many of its K predictions hit")
     keep_p: float = common.flag(0.1, "probability of keeping an easy triple")
 

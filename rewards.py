@@ -133,8 +133,8 @@ class WorldModelReward:
         self.model = load_embedder(embedder, device)  # also the tokenizer that truncates, in every mode
         self.truth_prompt = truth_instruction(embed_instruction, embedder, self.model)
         if not mode.startswith("judge") and max_tokens > self.model.max_seq_length:   # MiniLM: 256 < τ²'s 512
-            print(f"warning: the embedder {embedder!r} reads at most {self.model.max_seq_length} tokens; states "
-                  f"truncated to {max_tokens} are cut further when embedded")
+            print(f"warning: the embedder {embedder!r} reads at most {self.model.max_seq_length} tokens; texts "
+                  f"longer than that (predictions are cut at {max_tokens}) are cut further when embedded")
         self.truth_cache: dict[str, torch.Tensor] = {}  # truth text -> normalised embedding [D]
 
     def truncate(self, texts: list[str]) -> list[str]:

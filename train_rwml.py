@@ -64,7 +64,7 @@ class Settings:
     max_env_steps: int = common.flag(15, "steps per training episode (paper: 15)")
     history: int = common.flag(2, "past turns in the agent prompt (paper: 2 ALFWorld, 5 τ²)")
     win_reward: float = common.flag(10.0, "reward of the last step of a won episode (paper, verl-agent: 10)")
-    step_penalty: float = common.flag(0.1, "reward of a step whose reply breaks the format (paper, verl-agent: -0.1)")
+    step_penalty: float = common.flag(0.1, "penalty on a step whose reply breaks the format (paper, verl-agent: 0.1)")
     penalize: str = common.flag("format", "which steps --step-penalty hits: format = reply without <think>/<action> "
                                 "(paper); invalid = action not admissible/accepted (ablation)", ["format", "invalid"])
     env_workers: int = common.flag(0, "env worker processes (0 = in this process)")
@@ -109,7 +109,7 @@ class Settings:
     embed_instruction: str = common.flag("auto", "truth-side instruction: auto (if an instruct embedder) | none | text")
     tau_d: float = common.flag(0.2, "reward 1 if 1 - cos < tau_d (paper: 0.2 ALFWorld)")
     tau_d_user: float = common.flag(0.4, "tau_d for τ² user replies (paper: 0.4)")
-    reward_max_tokens: int = common.flag(100, "predictions and truths truncated before scoring (paper: 100 ALFWorld, 512 τ²)")
+    reward_max_tokens: int = common.flag(100, "predictions truncated before scoring (paper: 100 ALFWorld, 512 τ²)")
     reward_mode: str = common.flag("binary", "binary (paper) | score (raw cosine) | judge-binary / judge-score "
                                    "(Table 4's LLM-judge ablations: yes/no, or a 0-10 score / 10)",
                                    ["binary", "score", "judge-binary", "judge-score"])
