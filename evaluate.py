@@ -61,8 +61,9 @@ class Settings:
                                                                       "litellm:<name> (paper's official eval: "
                                                                       "litellm:gpt-4.1)"})
     # generation (agent and wm)
-    temperature: float = field(default=1.0, metadata={"help": "0 = greedy (the paper samples at 1.0 in "
-                                                                "collection and RL; it does not state eval's)"})
+    temperature: float | None = field(default=None, metadata={"help": "0 = greedy; none = 1.0 for agent (the paper "
+                                                                       "samples at 1.0 in collection and RL; it does "
+                                                                       "not state eval's), greedy for wm"})
     top_p: float = 1.0
     max_new_tokens: int = field(default=512, metadata={"help": "response length cap (paper: 512)"})
     batch_size: int = 16
@@ -545,8 +546,13 @@ def report(s: Settings) -> str:
     return text
 
 
+DEFAULT_TEMPERATURE = {"agent": 1.0, "wm": 0.0}  # --temperature none: agent samples 3 runs (Table 1), wm is greedy
+
+
 def main(argv: list[str] | None = None):
     s = parse_settings(Settings, argv)
+    if s.temperature is None:
+        s.temperature = DEFAULT_TEMPERATURE.get(s.what, 0.0)
     seed_everything(s.seed)
     return {"agent": evaluate_agent, "wm": evaluate_wm, "weights": evaluate_weights, "report": report}[s.what](s)
 

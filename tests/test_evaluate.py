@@ -88,6 +88,15 @@ def test_success_mean_and_std_over_rollouts():
     assert one["success_by_rollout"] == pytest.approx([2 / 3]) and one["success_std"] == 0.0
 
 
+def test_agent_eval_samples_three_runs_per_task_by_default(tmp_path):
+    res = evaluate.main(["--what", "agent", "--model", "tiny", "--env", "twx", "--split", "train", "--n-tasks", "1",
+                         "--max-steps", "1", "--max-new-tokens", "4", "--out-dir", str(tmp_path)])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["temperature"], config["rollouts"]) == (1.0, 3)
+    assert res["n_episodes"] == 3 and res["trials"] == 3 and len(res["success_by_rollout"]) == 3
+    assert sorted(e["rollout"] for e in read_jsonl(tmp_path / "episodes.jsonl")) == [0, 1, 2]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Weight change: |ŵ − w| > η·max(|w|, |ŵ|), η = 1e-3, counted by hand below
 
@@ -218,6 +227,7 @@ def test_wm_eval_prompts_with_the_prompt_the_checkpoint_was_trained_on(tmp_path,
     tok = common.load_tokenizer("tiny")
     assert seen == [common.chat_ids(tok, wm_messages(t, wm_prompt)) for t in TRIPLES]
     assert json.loads((tmp_path / "wm" / "results.json").read_text())["wm_prompt"] == wm_prompt
+    assert json.loads((tmp_path / "wm" / "config.json").read_text())["temperature"] == 0.0   # wm stays greedy
 
 
 def test_wm_eval_names_a_bad_triples_line(tmp_path):
