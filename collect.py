@@ -2,7 +2,8 @@
 
 The target model plays the env itself: `rollouts` episodes per task at temperature 1.0, up to `max_steps` steps;
 every step with a valid action becomes a triple <last `history` turns, state, action, next state>. Triples are split
-90/10 by task (the validation part trains filter.py's filter model).
+90/10 at random, seeded (the paper; --val-split tasks: by task, so validation tasks are unseen); the validation part
+trains filter.py's filter model.
 
   python collect.py --env alfworld --split train --model smollm2-135m --out-dir runs/collect
   torchrun --nproc_per_node 8 collect.py ...      # each rank plays a disjoint shard of (task, rollout) pairs
@@ -48,12 +49,17 @@ class Settings:
                                                                   "tau2: a domain, airline | retail | telecom)"})
     user_model: str = field(default="smollm2-135m", metadata={"help": "τ² user simulator: a local model (tiny | "
                                                                       "smollm2-135m | HF id | path) or "
-                                                                      "litellm:<name>, e.g. litellm:gpt-4.1"})
+                                                                      "litellm:<name>, e.g. litellm:gpt-4.1; a "
+                                                                      "comma list splits the rollouts into blocks "
+                                                                      "(paper: 3 + 3 with two simulators)"})
     seed: int = 0
     out_dir: str = "runs/collect"
     batch_size: int = field(default=16, metadata={"help": "episodes played at once (one generate call per step)"})
     n_workers: int = field(default=0, metadata={"help": "env worker processes (0 = envs in this process)"})
-    val_frac: float = field(default=0.1, metadata={"help": "fraction of tasks whose triples go to triples_val"})
+    val_frac: float = field(default=0.1, metadata={"help": "fraction of the triples (or tasks) in triples_val"})
+    val_split: str = field(default="triples", metadata={"choices": ["triples", "tasks"], "help": "triples: a seeded "
+                                                        "random 90/10 of the triples (paper); tasks: whole tasks on "
+                                                        "each side"})
     explore: float = field(default=0.0, metadata={"help": "probability that a step takes a random admissible "
                                                           "action instead of the model's (0 = paper; a model too "
                                                           "small to follow the format yields no triples without it)"})
@@ -70,10 +76,19 @@ def check_settings(s: Settings) -> None:
            if getattr(s, k) < lo]
     if s.n_tasks is not None and s.n_tasks < 1:
         bad.append(f"--n-tasks must be >= 1 (or none for all), got {s.n_tasks}")
+    if len(s.user_model.split(",")) > s.rollouts:
+        bad.append(f"--user-model names {len(s.user_model.split(','))} simulators for --rollouts {s.rollouts}")
     if not 0 <= s.val_frac < 1:
         bad.append(f"--val-frac must be in [0, 1), got {s.val_frac}")
     if bad:
         raise SystemExit("; ".join(bad))
+
+
+def user_model_of(s: Settings, rollout: int) -> str:
+    """The user simulator of rollout r: with k comma-separated models, rollouts are split into k contiguous blocks
+    (6 rollouts, "a,b": 0-2 play with a, 3-5 with b), so ids (task#rollout#t) never collide across simulators."""
+    models = s.user_model.split(",")
+    return models[rollout * len(models) // s.rollouts]
 
 
 def merge_episodes(out: Path) -> list[dict]:
@@ -91,13 +106,16 @@ def merge_episodes(out: Path) -> list[dict]:
     return episodes
 
 
-def split_by_task(triples: list[dict], val_frac: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """90/10 by task (paper §2.2): all triples of a task land on the same side, so val tasks are unseen."""
-    tasks = sorted({t["task_id"] for t in triples})
-    random.Random(seed).shuffle(tasks)
-    n_val = max(1, round(val_frac * len(tasks))) if val_frac > 0 and len(tasks) > 1 else 0
-    val = set(tasks[:n_val])
-    return [t for t in triples if t["task_id"] not in val], [t for t in triples if t["task_id"] in val]
+def split_triples(triples: list[dict], val_frac: float, seed: int,
+                  by: str = "triples") -> tuple[list[dict], list[dict]]:
+    """-> (train, val), each in the input order. by "triples": a seeded random val_frac of the triples (paper §2.2:
+    21,011 / 2,288); by "tasks": a seeded random val_frac of the tasks, all triples of a task on the same side."""
+    units = [t["id"] for t in triples] if by == "triples" else sorted({t["task_id"] for t in triples})
+    random.Random(seed).shuffle(units)
+    n_val = max(1, round(val_frac * len(units))) if val_frac > 0 and len(units) > 1 else 0
+    val = set(units[:n_val])
+    key = "id" if by == "triples" else "task_id"
+    return [t for t in triples if t[key] not in val], [t for t in triples if t[key] in val]
 
 
 def episode_stats(episodes: list[dict]) -> dict:
@@ -112,7 +130,7 @@ def episode_stats(episodes: list[dict]) -> dict:
 
 def write_outputs(s: Settings, out: Path, episodes: list[dict], run: dict) -> dict:
     triples = [t for e in episodes for t in episode_triples(e, s.history)]
-    train, val = split_by_task(triples, s.val_frac, s.seed)
+    train, val = split_triples(triples, s.val_frac, s.seed, s.val_split)
     write_jsonl(out / "triples.jsonl", triples)
     write_jsonl(out / "triples_train.jsonl", train)
     write_jsonl(out / "triples_val.jsonl", val)
@@ -150,8 +168,9 @@ def main(s: Settings, act=None) -> dict | None:
     if dist.is_initialized():
         dist.barrier()
     seed_everything(s.seed + d.rank)
-    suite = make_suite(s.env, s.split, task_type=s.task_type, user_model=s.user_model, device=d.device,
-                       n_workers=s.n_workers)
+    suites = {m: make_suite(s.env, s.split, task_type=s.task_type, user_model=m, device=d.device,
+                            n_workers=s.n_workers) for m in dict.fromkeys(s.user_model.split(","))}
+    suite = next(iter(suites.values()))  # every suite holds the same tasks
     jobs = [(task_id, r) for task_id in pick_tasks(suite.task_ids, s.n_tasks, s.seed) for r in range(s.rollouts)]
     finished = {(e["task_id"], e["rollout"]) for e in read_jsonl(out / "episodes.jsonl") if "error" not in e}
     all_todo = [job for job in jobs if job not in finished]
@@ -185,6 +204,8 @@ def main(s: Settings, act=None) -> dict | None:
 
     def save(episode: dict) -> None:  # one fsynced line per finished episode: a kill loses only the live ones
         episode = strip_samples(episode)
+        if s.env == "tau2":
+            episode["user_model"] = user_model_of(s, episode["rollout"])
         append_jsonl(part, [episode])
         invalid = sum(not st["valid"] for st in episode["steps"])
         for k, v in (("episodes", 1), ("wins", episode["success"]), ("steps", episode["n_steps"]),
@@ -199,8 +220,10 @@ def main(s: Settings, act=None) -> dict | None:
                      "error": episode.get("error"), "success_so_far": counts["wins"] / counts["episodes"]})
 
     try:
-        run_episodes(timed_act, suite, todo, env=s.env, split=s.split, model=s.model, max_steps=s.max_steps,
-                     history=s.history, n_workers=s.n_workers, batch_size=s.batch_size, on_done=save)
+        for user_model, user_suite in suites.items():
+            run_episodes(timed_act, user_suite, [job for job in todo if user_model_of(s, job[1]) == user_model],
+                         env=s.env, split=s.split, model=s.model, max_steps=s.max_steps, history=s.history,
+                         n_workers=s.n_workers, batch_size=s.batch_size, on_done=save)
     except KeyboardInterrupt:
         print0(f"\ninterrupted: {counts['episodes']} finished episodes are saved in {part}; rerun to resume")
         raise

@@ -1,7 +1,8 @@
 """Evaluate checkpoints the way the paper does (RWML §4), one --what at a time:
 
-  agent    play an env split with the model as the agent (greedy, 30 steps, as the paper evaluates): success
-           rate with a 95% Wilson interval, mean steps, invalid and inefficient action rates, overall and per
+  agent    play an env split with the model as the agent (30 steps; 3 sampled episodes per task at temperature 1.0,
+           as Table 1 averages 3 runs; --greedy: one greedy episode): success rate with a 95% Wilson interval,
+           its mean ± std over the rollouts, mean steps, invalid and inefficient action rates, overall and per
            task type. Resumable: episodes.jsonl grows one finished episode at a time, a rerun plays the rest.
   wm       world-model accuracy on held-out triples (triples_val.jsonl, or a seeded sample of --n-triples) under
            the RWML reward, with a 95% Wilson interval, by env and next_kind; predictions.jsonl keeps every answer.
@@ -60,7 +61,9 @@ class Settings:
     env: str = field(default="alfworld", metadata={"choices": ["alfworld", "twx", "tau2"]})
     split: str = field(default="valid_seen", metadata={"help": "alfworld: train | valid_seen (ID) | valid_unseen (OOD)"})
     n_tasks: int | None = field(default=None, metadata={"help": "a seeded sample of this many tasks (none = all)"})
-    rollouts: int = field(default=1, metadata={"help": "episodes per task"})
+    rollouts: int = field(default=3, metadata={"help": "episodes per task (paper: Table 1 is the mean of 3 runs)"})
+    greedy: bool = field(default=False, metadata={"help": "one greedy episode per task (sets --temperature 0 "
+                                                          "--rollouts 1)"})
     max_steps: int = field(default=30, metadata={"help": "paper: 30 at evaluation"})
     history: int = field(default=2, metadata={"help": "past turns in the agent prompt (paper: 2 ALFWorld, 5 τ²)"})
     n_workers: int = field(default=0, metadata={"help": "env worker processes (0 = in this process)"})
@@ -72,7 +75,9 @@ class Settings:
                                                                       "litellm:<name> (paper's official eval: "
                                                                       "litellm:gpt-4.1)"})
     # generation (agent and wm)
-    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
+    temperature: float | None = field(default=None, metadata={"help": "0 = greedy; none = 1.0 for agent (the paper "
+                                                                       "samples at 1.0 in collection and RL; it does "
+                                                                       "not state eval's), greedy for wm"})
     top_p: float = 1.0
     max_new_tokens: int = field(default=512, metadata={"help": "response length cap (paper: 512)"})
     batch_size: int = 16
@@ -80,11 +85,16 @@ class Settings:
     triples: str = field(default="", metadata={"help": "held-out triples JSONL (collect.py's triples_val.jsonl)"})
     n_triples: int | None = field(default=None, metadata={"help": "a seeded random sample of this many triples "
                                                                   "(none = all)"})
+    wm_prompt: str = field(default="rwml", metadata={"choices": ["rwml", "sft"], "help": "the prompt the checkpoint "
+                                                     "was trained with: rwml = reason then predict; sft = the WM SFT "
+                                                     "prompt (filter.py --sft-prompt paper)"})
     embedder: str = field(default="minilm", metadata={"help": "minilm | sentence-transformers id (paper: "
                                                               "Qwen/Qwen3-Embedding-8B)"})
+    embed_instruction: str = field(default="auto", metadata={"help": "truth-side instruction: auto (if an "
+                                                                      "instruct embedder) | none | text"})
     tau_d: float = field(default=0.2, metadata={"help": "RWML threshold for observations (paper: 0.2 ALFWorld)"})
     tau_d_user: float = field(default=0.4, metadata={"help": "RWML threshold for τ² user replies (paper: 0.4)"})
-    max_state_tokens: int = field(default=100, metadata={"help": "truncate states before scoring (100 ALFWorld, "
+    max_state_tokens: int = field(default=100, metadata={"help": "truncate predictions before scoring (100 ALFWorld, "
                                                                  "512 τ²)"})
     # weights
     base: str = field(default="", metadata={"help": "base model the checkpoint started from: a dir (streamed, "
@@ -133,6 +143,7 @@ def finished(s: Settings, keys: tuple[str, ...]) -> dict | None:
 # Agent: success, steps, invalid and inefficient actions
 
 INFO_VERBS = ("look", "inventory", "examine")  # ALFWorld / TextWorld-Express commands that only read the world
+PAPER_INEFFICIENT_VERBS = ("look", "examine")  # the paper's inefficient actions (§4): every one of them counts
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -165,14 +176,34 @@ def inefficient_steps(steps: list[dict]) -> list[bool]:
     return flags
 
 
+def paper_inefficient(step: dict) -> bool:
+    """The paper's count: a valid look / examine action is inefficient, whatever it answered (invalid steps count
+    as invalid only). inefficient_steps is the stricter count: only repeats that learned nothing new."""
+    return bool(step["valid"]) and step["action"].strip().lower().split(" ", 1)[0] in PAPER_INEFFICIENT_VERBS
+
+
+def rollout_success(episodes: list[dict]) -> dict:
+    """Success rate of each rollout index (rollout r of every task: one run of the benchmark, as Table 1 averages 3
+    runs), and their mean and sample std (0 for one rollout)."""
+    by_rollout = defaultdict(list)
+    for e in episodes:
+        by_rollout[e.get("rollout", 0)].append(bool(e["success"]))
+    rates = [sum(v) / len(v) for _, v in sorted(by_rollout.items())]
+    mean = sum(rates) / len(rates) if rates else None
+    std = math.sqrt(sum((r - mean) ** 2 for r in rates) / (len(rates) - 1)) if len(rates) > 1 else 0.0
+    return {"success_by_rollout": rates, "success_mean": mean, "success_std": std if rates else None}
+
+
 def agent_stats(episodes: list[dict]) -> dict:
-    """Success (with a 95% Wilson interval), mean steps, and per-step invalid / inefficient rates, pooled.
+    """Success (with a 95% Wilson interval on the pooled count, and mean ± std over the rollouts), mean steps, and
+    per-step invalid / inefficient rates, pooled; inefficient both ways (inefficient_steps, and the paper's).
     An episode whose env crashed (episode["error"], success False) counts as a failure; n_errors says how many."""
     n = len(episodes)
     wins = sum(bool(e["success"]) for e in episodes)
     steps = sum(len(e["steps"]) for e in episodes)
     invalid = sum(not st["valid"] for e in episodes for st in e["steps"])
     inefficient = sum(sum(inefficient_steps(e["steps"])) for e in episodes)
+    inefficient_paper = sum(paper_inefficient(st) for e in episodes for st in e["steps"])
     lo, hi = wilson_interval(wins, n)
     rate = (lambda k: k / steps) if steps else (lambda k: None)
     # τ² (paper §4: invalid tool calls per call): a tool call is a step the env took as one (next_kind "tool")
@@ -180,9 +211,11 @@ def agent_stats(episodes: list[dict]) -> dict:
     calls = [st for e in episodes for st in e["steps"] if st.get("next_kind") == "tool" and st["action"]]
     bad_calls = sum(not st["valid"] for st in calls)
     return {"n_episodes": n, "n_tasks": len({e.get("task_id") for e in episodes}), "n_success": wins,
-            "success": wins / n if n else None, "success_ci95": [lo, hi],
+            "success": wins / n if n else None, "success_ci95": [lo, hi], **rollout_success(episodes),
             "mean_steps": steps / n if n else None, "n_steps": steps, "invalid_rate": rate(invalid),
             "inefficient_rate": rate(inefficient), "invalid_or_inefficient_rate": rate(invalid + inefficient),
+            "inefficient_rate_paper": rate(inefficient_paper),
+            "invalid_or_inefficient_rate_paper": rate(invalid + inefficient_paper),
             "n_tool_calls": len(calls), "invalid_tool_call_rate": bad_calls / len(calls) if calls else None,
             "n_errors": sum("error" in e for e in episodes)}
 
@@ -202,6 +235,8 @@ def evaluate_agent(s: Settings, lm=None) -> dict:
 
     from rollout import make_suite, model_actor, run_episodes, strip_samples
 
+    if s.greedy:   # resolved before config.json and the resume check, so both see what was run
+        s.temperature, s.rollouts = 0.0, 1
     if s.n_tasks is not None and s.n_tasks < 1 or s.rollouts < 1:
         raise SystemExit(f"--n-tasks ({s.n_tasks}) and --rollouts ({s.rollouts}) must be at least 1")
     out = Path(s.out_dir)
@@ -237,8 +272,10 @@ def evaluate_agent(s: Settings, lm=None) -> dict:
                **agent_results([done[job] for job in jobs])}
     write_json(out / "results.json", results)
     ci = results["success_ci95"]
-    print(f"success {results['success']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]  mean steps {results['mean_steps']:.1f}  "
-          f"invalid {results['invalid_rate']:.3f}  inefficient {results['inefficient_rate']:.3f}  -> {out}")
+    print(f"success {results['success']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] (per rollout {results['success_mean']:.3f} ± "
+          f"{results['success_std']:.3f})  mean steps {results['mean_steps']:.1f}  invalid "
+          f"{results['invalid_rate']:.3f}  inefficient {results['inefficient_rate']:.3f} (paper's count "
+          f"{results['inefficient_rate_paper']:.3f})  -> {out}")
     for kind, r in results["by_task_type"].items():
         bad_calls = "" if r["invalid_tool_call_rate"] is None else \
             f"  invalid tool calls {r['invalid_tool_call_rate']:.3f} of {r['n_tool_calls']}"
@@ -250,8 +287,9 @@ def evaluate_agent(s: Settings, lm=None) -> dict:
 # World model: one prediction per held-out triple, scored by the RWML reward
 
 TRIPLE_KEYS = ("id", "env", "instruction", "history", "state", "action", "next_state", "next_kind")
+# what a finished wm evaluation must share with a rerun to be reused
 WM_KEYS = ("model", "triples", "n_triples", "seed", "temperature", "top_p", "max_new_tokens", "embedder", "tau_d",
-           "tau_d_user", "max_state_tokens")  # what a finished wm evaluation must share with a rerun to be reused
+           "tau_d_user", "max_state_tokens", "wm_prompt", "embed_instruction")
 
 
 def wm_stats(rows: list[dict]) -> dict:
@@ -278,7 +316,8 @@ def sample_triples(triples: list[dict], n: int | None, seed: int) -> list[dict]:
 
 def make_reward(s: Settings):
     from rewards import WorldModelReward
-    return WorldModelReward(s.embedder, s.tau_d, s.max_state_tokens, tau_d_user=s.tau_d_user)
+    return WorldModelReward(s.embedder, s.tau_d, s.max_state_tokens, tau_d_user=s.tau_d_user,
+                            embed_instruction=s.embed_instruction)
 
 
 def evaluate_wm(s: Settings, lm=None, reward=None) -> dict:
@@ -298,7 +337,7 @@ def evaluate_wm(s: Settings, lm=None, reward=None) -> dict:
     model, tok = (lm or (lambda: load_model(s.model)))()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(s.seed)
     t0 = time.perf_counter()
-    samples = generate(model, tok, [chat_ids(tok, wm_messages(t)) for t in triples], s.max_new_tokens,
+    samples = generate(model, tok, [chat_ids(tok, wm_messages(t, s.wm_prompt)) for t in triples], s.max_new_tokens,
                        s.temperature, s.top_p, s.batch_size, generator=gen, progress=True)
     time_generate = time.perf_counter() - t0
     del model  # single evaluation: the embedder needs the memory more now (--what arms keeps it in lm)
@@ -307,7 +346,7 @@ def evaluate_wm(s: Settings, lm=None, reward=None) -> dict:
              "prediction": extract_next_state(x.text), "next_state": t["next_state"], "response": x.text,
              "finished": x.finished} for t, x, r in zip(triples, samples, scores)]
     write_jsonl(out / "predictions.jsonl", rows)
-    results = {"what": "wm", "model": s.model, "triples": s.triples, "embedder": s.embedder, "tau_d": s.tau_d,
+    results = {"what": "wm", "model": s.model, "triples": s.triples, "wm_prompt": s.wm_prompt, "embedder": s.embedder, "tau_d": s.tau_d,
                "tau_d_user": s.tau_d_user, "seed": s.seed, "time_generate": time_generate,
                "triples_per_s": len(rows) / time_generate, **wm_results(rows)}
     write_json(out / "results.json", results)
@@ -758,8 +797,13 @@ def report(s: Settings) -> str:
     return text
 
 
+DEFAULT_TEMPERATURE = {"agent": 1.0, "wm": 0.0}  # --temperature none: agent samples 3 runs (Table 1), wm is greedy
+
+
 def main(argv: list[str] | None = None):
     s = parse_settings(Settings, argv)
+    if s.temperature is None:
+        s.temperature = DEFAULT_TEMPERATURE.get(s.what, 0.0)
     seed_everything(s.seed)
     return {"agent": evaluate_agent, "wm": evaluate_wm, "weights": evaluate_weights, "forgetting": evaluate_forgetting,
             "arms": evaluate_arms, "report": report}[s.what](s)

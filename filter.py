@@ -9,7 +9,8 @@
     python filter.py --sft-only --triples runs/collect/triples_train.jsonl --out-dir runs/wm_sft
         the paper's WM SFT baseline: the same SFT on the training triples; the checkpoint is the product.
 
-The SFT label is "<think> </think>\\n<next_state> {s} </next_state>" + EOS, loss on the label tokens only.
+The SFT label is "<think> </think>\\n<next_state> {s} </next_state>" + EOS, loss on the label tokens only; the prompt
+is the paper's WM SFT prompt (predict directly, prompts.wm_messages style "sft"; --sft-prompt rwml: the RWML one).
 Checkpoints go to out_dir/ckpt/step_N (common.load_model(path) loads one); a rerun resumes from the latest,
 and scoring skips triples already scored. Under torchrun the SFT runs under FSDP2 and each rank scores a
 disjoint shard of the training triples into out_dir/scored/rank{r}.jsonl; rank 0 merges.
@@ -44,6 +45,8 @@ class Settings:
     format_episodes: str = common.flag("", "episodes.jsonl of text games: their valid steps add agent-format examples "
                                        "(the prompt, the action taken) to the SFT; with random actions "
                                        "(collect.py --explore 1) they teach the answer format, not the task")
+    sft_prompt: str = common.flag("paper", "prompt of the SFT and the filter's predictions: paper = the WM SFT "
+                                  "prompt (predict directly); rwml = the RWML reasoning prompt", ["paper", "rwml"])
     seed: int = common.flag(0, "data order, sampling and the keep coin")
     # stage 1: SFT (paper: 2 epochs, lr 2e-6, batch 32)
     epochs: int = common.flag(2, "SFT epochs (0: score with the base model)")
@@ -60,9 +63,10 @@ class Settings:
     triples_per_chunk: int = common.flag(8, "triples scored together; their rows are appended as one resumable unit")
     gen_batch_size: int = common.flag(32, "sequences per generate batch")
     embedder: str = common.flag("minilm", "reward embedder: minilm | a sentence-transformers id")
+    embed_instruction: str = common.flag("auto", "truth-side instruction: auto (if an instruct embedder) | none | text")
     tau_d: float = common.flag(0.1, "strict threshold on 1 - cos for observations (paper: 0.1 ALFWorld)")
     tau_d_user: float = common.flag(0.15, "strict threshold for τ² user replies (paper: 0.15)")
-    reward_max_tokens: int = common.flag(100, "truncate states to this many embedder tokens (paper: 100 ALFWorld, 512 τ²)")
+    reward_max_tokens: int = common.flag(100, "truncate predictions to this many tokens (paper: 100 ALFWorld, 512 τ²)")
     min_hits: int = common.flag(1, "a triple is easy when at least this many of its K predictions hit")
     keep_p: float = common.flag(0.1, "probability of keeping an easy triple")
 
@@ -101,20 +105,24 @@ def load_triples(path) -> list[dict]:
     return rows
 
 
-def wm_prompts(tokenizer, triples: list[dict], max_prompt_tokens: int) -> list[list[int]]:
+SFT_PROMPT_STYLE = {"paper": "sft", "rwml": "rwml"}  # --sft-prompt -> prompts.wm_messages style
+
+
+def wm_prompts(tokenizer, triples: list[dict], max_prompt_tokens: int, sft_prompt: str = "paper") -> list[list[int]]:
     """World-model prompt ids, left-truncated to max_prompt_tokens (the oldest history goes first)."""
-    out = [common.chat_ids(tokenizer, prompts.wm_messages(t)) for t in triples]
+    out = [common.chat_ids(tokenizer, prompts.wm_messages(t, SFT_PROMPT_STYLE[sft_prompt])) for t in triples]
     if cut := sum(len(ids) > max_prompt_tokens for ids in out):
         common.print0(f"warning: {cut} of {len(triples)} prompts were longer than --max-prompt-tokens "
                       f"{max_prompt_tokens} and were left-truncated")
     return [ids[-max_prompt_tokens:] for ids in out]
 
 
-def sft_examples(tokenizer, triples: list[dict], max_prompt_tokens: int) -> list[tuple[list[int], list[int]]]:
+def sft_examples(tokenizer, triples: list[dict], max_prompt_tokens: int,
+                 sft_prompt: str = "paper") -> list[tuple[list[int], list[int]]]:
     """(prompt ids, label ids) per triple; the label is the WM SFT target + EOS."""
     labels = [tokenizer(prompts.wm_sft_target(t["next_state"]), add_special_tokens=False)["input_ids"]
               + [tokenizer.eos_token_id] for t in triples]
-    return list(zip(wm_prompts(tokenizer, triples, max_prompt_tokens), labels))
+    return list(zip(wm_prompts(tokenizer, triples, max_prompt_tokens, sft_prompt), labels))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
@@ -149,7 +157,7 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
                          f"x {d.world} rank(s)")
     # fp32 master weights: in bf16 an lr-2e-6 AdamW update is below the rounding step of most weights
     lm, tok = common.load_model(s.model, dtype=torch.float32, device=d.device)
-    examples = sft_examples(tok, triples, s.max_prompt_tokens)
+    examples = sft_examples(tok, triples, s.max_prompt_tokens, s.sft_prompt)
     if s.format_episodes:
         examples += format_examples(tok, s.format_episodes)
     if s.epochs and len(examples) < s.batch_size:
@@ -220,8 +228,8 @@ def score(s: Settings, d: common.Dist, model_path: Path, triples: list[dict], pa
         return
     model, tok = common.load_model(str(model_path), device=d.device)
     reward = WorldModelReward(s.embedder, tau_d=s.tau_d, tau_d_user=s.tau_d_user, max_tokens=s.reward_max_tokens,
-                              device=str(d.device))
-    prompt_ids = wm_prompts(tok, todo, s.max_prompt_tokens)
+                              embed_instruction=s.embed_instruction, device=str(d.device))
+    prompt_ids = wm_prompts(tok, todo, s.max_prompt_tokens, s.sft_prompt)
     out = parts / f"rank{d.rank}.jsonl"
     n_scored = n_easy = 0
     chunks = range(0, len(todo), s.triples_per_chunk)

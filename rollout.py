@@ -19,8 +19,9 @@ from prompts import agent_messages, format_reply, parse_action
 # system prompt and the user's basic info, which the world-model prompt of its triples needs (paper App. C.1)
 EPISODE_INFO = ("task_type", "system_prompt", "user_info")
 # step-info keys a step keeps when the env gives them: τ²'s next_kind ("tool" | "user") and task_status
-# ("completed" | "ongoing"), which the world-model triple's next state carries (paper App. C.1)
-STEP_INFO = ("next_kind", "task_status")
+# ("completed" | "ongoing"), which the world-model triple's next state carries (paper App. C.1), and τ²'s
+# executed (the env ran the call, even if it answered with an error: still a real transition)
+STEP_INFO = ("next_kind", "task_status", "executed")
 # --task-type picks tasks of one type: the keyword each env's suite takes it as
 TASK_TYPE_KW = {"alfworld": "task_types", "twx": "games", "tau2": "domain"}
 
@@ -174,15 +175,17 @@ def wm_next_state(step: dict) -> tuple[str, dict]:
 
 
 def episode_triples(episode: dict, history: int) -> list[dict]:
-    """RWML triples (paper §2.2, DESIGN.md): one per VALID step that the env answered (τ² can end a conversation
+    """RWML triples (paper §2.2, DESIGN.md): one per valid step that the env answered (τ² can end a conversation
     with no reply, e.g. on the agent's `done` or at its step limit: nothing to predict), <last `history` turns,
-    state, action, next state>. The history counts every earlier step, invalid ones too: it is what the agent
-    saw (τ² uses 5 turns, ALFWorld 2: collect.py's --history). id = task#rollout#t."""
+    state, action, next state>. Text games drop invalid actions (paper); τ² keeps a tool call it executed but
+    answered with an error (a real transition, and what teaches the model which calls fail), and drops only
+    replies it could not parse at all (step "executed" False). The history counts every earlier step, invalid
+    ones too: it is what the agent saw (τ² uses 5 turns, ALFWorld 2: collect.py's --history). id = task#rollout#t."""
     steps = episode["steps"]
     context = {k: episode[k] for k in EPISODE_INFO if k in episode}
     triples = []
     for t, step in enumerate(steps):
-        if not step["valid"] or not step["next_obs"]:
+        if not (step["valid"] or step.get("executed", False)) or not step["next_obs"]:
             continue
         next_state, extra = wm_next_state(step)
         triples.append({

@@ -63,7 +63,10 @@ class Settings:
     split: str = common.flag("train", "env split the policy trains on")
     max_env_steps: int = common.flag(15, "steps per training episode (paper: 15)")
     history: int = common.flag(2, "past turns in the agent prompt (paper: 2 ALFWorld, 5 τ²)")
-    invalid_penalty: float = common.flag(0.1, "episode reward = won - penalty * invalid steps (paper: 0.1)")
+    win_reward: float = common.flag(10.0, "reward of the last step of a won episode (paper, verl-agent: 10)")
+    step_penalty: float = common.flag(0.1, "penalty on a step whose reply breaks the format (paper, verl-agent: 0.1)")
+    penalize: str = common.flag("format", "which steps --step-penalty hits: format = reply without <think>/<action> "
+                                "(paper); invalid = action not admissible/accepted (ablation)", ["format", "invalid"])
     env_workers: int = common.flag(0, "env worker processes (0 = in this process)")
     user_model: str = common.flag("", "τ² user simulator: a local model (run here, greedy; '' = smollm2-135m) or "
                                "litellm:<name> for a hosted one, e.g. litellm:gpt-4.1")
@@ -104,10 +107,15 @@ class Settings:
     entropy_coef: float | None = common.flag(None, "entropy bonus; none = paper: 0 wm, 0.001 policy")
     # reward (--task wm)
     embedder: str = common.flag("minilm", "reward embedder: minilm | sentence-transformers id (paper: Qwen3-Embedding-8B)")
+    embed_instruction: str = common.flag("auto", "truth-side instruction: auto (if an instruct embedder) | none | text")
     tau_d: float = common.flag(0.2, "reward 1 if 1 - cos < tau_d (paper: 0.2 ALFWorld)")
     tau_d_user: float = common.flag(0.4, "tau_d for τ² user replies (paper: 0.4)")
-    reward_max_tokens: int = common.flag(100, "predictions and truths truncated before scoring (paper: 100 ALFWorld, 512 τ²)")
-    reward_mode: str = common.flag("binary", "binary (paper) | score (raw cosine)", ["binary", "score"])
+    reward_max_tokens: int = common.flag(100, "predictions truncated before scoring (paper: 100 ALFWorld, 512 τ²)")
+    reward_mode: str = common.flag("binary", "binary (paper) | score (raw cosine) | judge-binary / judge-score "
+                                   "(Table 4's LLM-judge ablations: yes/no, or a 0-10 score / 10)",
+                                   ["binary", "score", "judge-binary", "judge-score"])
+    judge_model: str = common.flag("", "the judge of --reward-mode judge-*: a local model (tiny | smollm2-135m | HF id "
+                                   "| path) or litellm:<name>")
     # diagnostics (issue 12; README "Diagnostics")
     tis_cap: float = common.flag(0.0, "truncated importance sampling: weight each token by min(pi_train/pi_rollout, C) "
                                "(0 = off)")
@@ -491,8 +499,12 @@ def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, schedul
 
 def make_reward(s: Settings):
     """-> score(samples, triples) -> float tensor [N]: the RWML reward of each sample's text against its triple."""
-    from rewards import WorldModelReward
-    wm = WorldModelReward(s.embedder, s.tau_d, s.reward_max_tokens, mode=s.reward_mode, tau_d_user=s.tau_d_user)
+    from rewards import WorldModelReward, make_judge
+    if s.reward_mode.startswith("judge") and not s.judge_model:
+        raise SystemExit(f"--reward-mode {s.reward_mode} needs --judge-model (a local model or litellm:<name>)")
+    judge = make_judge(s.judge_model) if s.reward_mode.startswith("judge") else None
+    wm = WorldModelReward(s.embedder, s.tau_d, s.reward_max_tokens, mode=s.reward_mode, tau_d_user=s.tau_d_user,
+                          judge=judge, embed_instruction=s.embed_instruction)
     return lambda samples, triples: wm([x.text for x in samples], triples)
 
 
@@ -610,9 +622,9 @@ def main(argv: list[str] | None = None) -> Path:
         if s.task == "wm":
             rewards = score(samples, [t for t in triples for _ in range(G)]).float()
         else:
-            from rewards import task_reward
-            rewards = torch.tensor([task_reward(ep["success"], sum(not st["valid"] for st in ep["steps"]),
-                                                s.invalid_penalty) for ep in episodes])
+            from rewards import policy_step_rewards   # the group reward is the episode return (γ = 1)
+            rewards = torch.tensor([sum(policy_step_rewards(ep["steps"], ep["success"], s.win_reward, s.step_penalty,
+                                                            s.penalize)) for ep in episodes])
         adv = group_advantages(rewards, G, s.adv_scale)
         zero_var = zero_variance_groups(rewards, G, s.zero_var_std)
         keep_group = ~zero_var if s.drop_zero_var else torch.ones_like(zero_var)   # DAPO's dynamic sampling

@@ -23,7 +23,8 @@ Invalid actions never raise. A call τ² can run but that fails (unknown tool, b
 into the conversation and is answered by τ²'s env with its own "Error: ..." reply, as in the benchmark. A call τ²
 cannot even represent (text starting with "{" that is not {"name": str, "arguments": dict}) or an empty action is
 answered with "Error: <why>" without entering the conversation; it costs the 2 steps and the error that a failing
-call costs in τ². Both set info["valid"] = False.
+call costs in τ². Both set info["valid"] = False; info["executed"] tells them apart (True: τ² ran the call or
+delivered the message, so its reply is a real transition; False: rejected unparsed, or acting after the end).
 
 The user simulator is τ²'s UserSimulator (its guidelines + the task's user scenario), unchanged. Its LLM is either a
 local chat callable `user_llm(messages: list[dict]) -> str` (served to τ² through litellm's in-process custom
@@ -250,10 +251,10 @@ class Tau2Env:
     def step(self, action: str) -> tuple[str, float, bool, dict]:
         if self.orch is None:
             raise RuntimeError("call reset(task_id) first")
-        info = {"won": False, "valid": True, "admissible": None, "gold": None, "next_kind": "user",
+        info = {"won": False, "valid": True, "executed": True, "admissible": None, "gold": None, "next_kind": "user",
                 "tool_name": None, "reply": "", "task_status": "ongoing"}
         if self.orch.done:  # e.g. the user stopped before the agent's first turn: the action has no effect
-            return "", self.result[0], True, {**self._end_info(), "valid": False}
+            return "", self.result[0], True, {**self._end_info(), "valid": False, "executed": False}
         try:
             call = parse_tool_call(action)
             if call is None and not action.strip():
@@ -311,7 +312,7 @@ class Tau2Env:
         o.step_count += 2
         o.num_errors += 1
         self._check_limits()
-        info.update(valid=False, next_kind="tool", reply=f"Error: {why}")
+        info.update(valid=False, executed=False, next_kind="tool", reply=f"Error: {why}")
         obs = f"tool: {info['reply']}"
         if not o.done:
             return obs, 0.0, False, info

@@ -86,7 +86,10 @@ def check_outputs(s: collect.Settings) -> tuple[list[dict], list[dict]]:
     train = read_jsonl(out / "triples_train.jsonl")
     val = read_jsonl(out / "triples_val.jsonl")
     assert sorted(t["id"] for t in train + val) == sorted(t["id"] for t in triples)
-    assert not {t["task_id"] for t in train} & {t["task_id"] for t in val}
+    if s.val_split == "tasks":
+        assert not {t["task_id"] for t in train} & {t["task_id"] for t in val}
+    else:
+        assert len(val) == (max(1, round(s.val_frac * len(triples))) if len(triples) > 1 else 0)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["episodes"] == len(episodes) and stats["env_steps"] == n_steps
     assert stats["triples_kept"] == len(triples) == n_steps - n_invalid == n_steps - stats["triples_dropped"]
@@ -178,7 +181,8 @@ def test_a_crashed_worker_fails_its_episode_and_the_run_goes_on():
 
 
 class FakeTau2Env:
-    """τ²'s shape: no admissible list, a system prompt and user info at reset, next_kind "tool" | "user"."""
+    """τ²'s shape: no admissible list, a system prompt and user info at reset, next_kind "tool" | "user"; a call to
+    "Bad_Tool" runs and fails (executed, invalid), an empty action is rejected unrun (not executed)."""
 
     def reset(self, task_id):
         self.t = 0
@@ -188,10 +192,12 @@ class FakeTau2Env:
 
     def step(self, action):
         self.t += 1
-        tool = action.startswith("{")
-        obs = 'tool: {"order_id": "#W1", "items": [{"price": 10.5}]}' if tool else "user: thanks"
-        return obs, float(self.t == 3), self.t == 3, {"won": self.t == 3, "valid": bool(action), "admissible": None,
-                                                      "gold": None, "next_kind": "tool" if tool else "user"}
+        tool, error = action.startswith("{") or not action, "Bad_Tool" in action or not action
+        obs = ("tool: Error: no such tool" if error else 'tool: {"order_id": "#W1", "items": [{"price": 10.5}]}'
+               if tool else "user: thanks")
+        return obs, float(self.t == 4), self.t == 4, {"won": self.t == 4, "valid": not error, "executed": bool(action),
+                                                      "admissible": None, "gold": None,
+                                                      "next_kind": "tool" if tool else "user"}
 
     def close(self):
         pass
@@ -204,7 +210,8 @@ class FakeTau2Suite(FakeSuite):
 
 def test_tau2_shaped_env_system_prompt_kinds_and_masked_tool_replies():
     replies = ['<action>{"name": "Get_Order", "arguments": {"order_id": "#W1"}}</action>',
-               "<action>It costs 10.5 USD.</action>", "no tags at all"]
+               '<action>{"name": "Bad_Tool", "arguments": {}}</action>', "<action>It costs 10.5 USD.</action>",
+               "no tags at all"]
     prompts = []
 
     def act(messages_list, infos):
@@ -212,17 +219,55 @@ def test_tau2_shaped_env_system_prompt_kinds_and_masked_tool_replies():
         return [Sample([], [], replies[len(prompts) - 1], [], True)]
 
     (episode,) = run_episodes(act, FakeTau2Suite(), [("retail/1", 0)], env="tau2", split="train", history=5)
-    assert all(p.startswith("SYS POLICY") for p in prompts) and "user: thanks" in prompts[2]
-    assert [st["valid"] for st in episode["steps"]] == [True, True, False] and episode["success"]
+    assert all(p.startswith("SYS POLICY") for p in prompts) and "user: thanks" in prompts[3]
+    assert [st["valid"] for st in episode["steps"]] == [True, False, True, False] and episode["success"]
+    assert [st["executed"] for st in episode["steps"]] == [True, True, True, False]
     assert episode["steps"][0]["action"] == '{"name": "Get_Order", "arguments": {"order_id": "#W1"}}'  # case kept
-    tool, user = episode_triples(episode, history=5)
-    assert (tool["next_kind"], user["next_kind"]) == ("tool", "user")
+    # the failing call that ran is a triple (its error reply is a real transition); the unparsed reply is not
+    tool, error, user = episode_triples(episode, history=5)
+    assert (tool["next_kind"], error["next_kind"], user["next_kind"]) == ("tool", "tool", "user")
+    assert error["next_state"] == "tool: Error: no such tool" and error["id"] == "retail/1#0#1"
     assert json.loads(tool["next_state"].removeprefix("tool: ")) == {"type": "object", "properties": {
         "order_id": {"type": "string"}, "items": {"type": "array", "items": {"type": "object", "properties": {
             "price": {"type": "number"}}}}}}
     assert tool["meta"]["raw_next_state"] == episode["steps"][0]["next_obs"] and user["next_state"] == "user: thanks"
-    assert user["history"] == [{"obs": "user: where is my order?", "action": episode["steps"][0]["action"]}]
+    assert user["history"] == [{"obs": "user: where is my order?", "action": episode["steps"][0]["action"]},
+                               {"obs": episode["steps"][0]["next_obs"], "action": episode["steps"][1]["action"]}]
     assert tool["meta"]["system_prompt"] == "SYS POLICY" and tool["meta"]["user_info"] == "name: Ann"
+
+
+def test_val_split_is_random_over_triples_by_default_or_by_task():
+    rows = [{"id": f"t{k}#0#{i}", "task_id": f"t{k}"} for k in range(4) for i in range(10)]
+    train, val = collect.split_triples(rows, 0.1, seed=0)
+    assert len(val) == 4 and len(train) == 36 and {r["id"] for r in train + val} == {r["id"] for r in rows}
+    assert len({r["task_id"] for r in val}) > 1   # whole tasks would put 10 triples of one task there
+    assert (train, val) == collect.split_triples(rows, 0.1, seed=0) != collect.split_triples(rows, 0.1, seed=1)
+    train, val = collect.split_triples(rows, 0.25, seed=0, by="tasks")
+    assert len(val) == 10 and len({r["task_id"] for r in val}) == 1
+    assert not {r["task_id"] for r in train} & {r["task_id"] for r in val}
+
+
+def test_rollouts_split_across_user_simulators_in_blocks(tmp_path, monkeypatch):
+    """Paper App. C.1: 3 rollouts with one user simulator + 3 with another, one collect run, unique ids."""
+    made = []
+
+    class Suite(FakeTau2Suite):
+        task_ids = ["retail/1", "retail/2"]
+
+    def make_suite(env, split, *, user_model, **kw):
+        made.append(user_model)
+        return Suite()
+    monkeypatch.setattr(collect, "make_suite", make_suite)
+    s = settings(tmp_path, env="tau2", rollouts=6, user_model="sim-a,litellm:sim-b", history=5)
+    collect.main(s, act=lambda messages_list, infos: [reply("hi") for _ in infos])
+    assert made == ["sim-a", "litellm:sim-b"]
+    episodes = read_jsonl(Path(s.out_dir) / "episodes.jsonl")
+    assert sorted((e["task_id"], e["rollout"], e["user_model"]) for e in episodes) == [
+        (t, r, "sim-a" if r < 3 else "litellm:sim-b") for t in Suite.task_ids for r in range(6)]
+    triples = read_jsonl(Path(s.out_dir) / "triples.jsonl")
+    assert len({t["id"] for t in triples}) == len(triples) == 2 * 6 * 3   # 3 user replies per episode
+    with pytest.raises(SystemExit, match="3 simulators for --rollouts 2"):
+        collect.main(settings(tmp_path / "x", env="tau2", rollouts=2, user_model="a,b,c"))
 
 
 def test_merge_keeps_one_row_per_pair_and_a_retry_replaces_a_failed_row(tmp_path):
@@ -259,7 +304,7 @@ def test_tiny_model_on_alfworld_writes_valid_files(tmp_path):
 
 
 def test_triples_line_up_with_episodes_and_invalid_steps_are_dropped(tmp_path):
-    s = settings(tmp_path, env="alfworld", split="valid_seen", max_steps=8, rollouts=2, history=2)
+    s = settings(tmp_path, env="alfworld", split="valid_seen", max_steps=8, rollouts=2, history=2, val_split="tasks")
     collect.main(s, act=mixed_actor())
     episodes, triples = check_outputs(s)
     invalid = [st for e in episodes for st in e["steps"] if not st["valid"]]

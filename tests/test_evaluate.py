@@ -10,7 +10,7 @@ import common
 import evaluate
 from common import Sample, read_jsonl, write_jsonl
 from evaluate import agent_stats, inefficient_steps, pct, weight_change, wilson_interval
-from prompts import wm_sft_target
+from prompts import wm_messages, wm_sft_target
 
 # ----------------------------------------------------------------------------------------------------------
 # Wilson interval: published values (Newcombe 1998, Stat. Med. 17:857, Table II, method 3)
@@ -69,8 +69,32 @@ def test_agent_stats_pool_steps_over_episodes():
     assert stats["invalid_rate"] == pytest.approx(4 / 20)
     assert stats["inefficient_rate"] == pytest.approx(8 / 20)
     assert stats["invalid_or_inefficient_rate"] == pytest.approx(12 / 20)
+    # the paper's count: every valid look / examine (7 in CRAFTED: not inventory, not the invalid "look around")
+    assert stats["inefficient_rate_paper"] == pytest.approx(7 / 20)
+    assert stats["invalid_or_inefficient_rate_paper"] == pytest.approx(11 / 20)
     by_type = evaluate.agent_results([won, lost])["by_task_type"]
     assert by_type["a"]["success"] == 1.0 and by_type["b"]["inefficient_rate"] == pytest.approx(4 / 8)
+
+
+def test_success_mean_and_std_over_rollouts():
+    """3 tasks x 3 rollouts; rollout r is one run of the benchmark: 2/3, 1/3, 0/3 -> mean 1/3, sample std 1/3."""
+    wins = {("a", 0), ("b", 0), ("a", 1)}
+    episodes = [{"task_id": t, "rollout": r, "success": (t, r) in wins, "steps": []} for t in "abc" for r in range(3)]
+    stats = agent_stats(episodes)
+    assert stats["success_by_rollout"] == pytest.approx([2 / 3, 1 / 3, 0.0])
+    assert stats["success_mean"] == pytest.approx(1 / 3) and stats["success_std"] == pytest.approx(1 / 3)
+    assert stats["success"] == pytest.approx(3 / 9) and stats["success_ci95"] == pytest.approx(list(wilson_interval(3, 9)))
+    one = agent_stats(episodes[::3])   # rollout 0 only
+    assert one["success_by_rollout"] == pytest.approx([2 / 3]) and one["success_std"] == 0.0
+
+
+def test_agent_eval_samples_three_runs_per_task_by_default(tmp_path):
+    res = evaluate.main(["--what", "agent", "--model", "tiny", "--env", "twx", "--split", "train", "--n-tasks", "1",
+                         "--max-steps", "1", "--max-new-tokens", "4", "--out-dir", str(tmp_path)])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["temperature"], config["rollouts"]) == (1.0, 3)
+    assert res["n_episodes"] == 3 and res["trials"] == 3 and len(res["success_by_rollout"]) == 3
+    assert sorted(e["rollout"] for e in read_jsonl(tmp_path / "episodes.jsonl")) == [0, 1, 2]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -193,6 +217,22 @@ def test_wm_accuracy_by_env_and_kind(tmp_path, triples_file, monkeypatch):
     assert res["k"] == 2 and res["ci95"] == list(wilson_interval(2, 4))
 
 
+@pytest.mark.parametrize("wm_prompt", ["rwml", "sft"])
+def test_wm_eval_prompts_with_the_prompt_the_checkpoint_was_trained_on(tmp_path, triples_file, monkeypatch, wm_prompt):
+    seen = []
+
+    def record(model, tok, prompts, *args, **kw):
+        seen.extend(prompts)
+        return [Sample(p, [1], wm_sft_target("x"), [0.0], True) for p in prompts]
+    monkeypatch.setattr(evaluate, "generate", record)
+    evaluate.main(["--what", "wm", "--model", "tiny", "--triples", str(triples_file), "--wm-prompt", wm_prompt,
+                   "--out-dir", str(tmp_path / "wm")])
+    tok = common.load_tokenizer("tiny")
+    assert seen == [common.chat_ids(tok, wm_messages(t, wm_prompt)) for t in TRIPLES]
+    assert json.loads((tmp_path / "wm" / "results.json").read_text())["wm_prompt"] == wm_prompt
+    assert json.loads((tmp_path / "wm" / "config.json").read_text())["temperature"] == 0.0   # wm stays greedy
+
+
 def test_wm_eval_names_a_bad_triples_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(TRIPLES[0]) + "\n" + json.dumps({"id": "x"}) + "\n")
@@ -278,7 +318,7 @@ FIXTURE_GAMES = Path(__file__).resolve().parent / "fixtures" / "alfworld"
 
 def agent_eval(out, n_tasks):
     return evaluate.main(["--what", "agent", "--model", "tiny", "--env", "alfworld", "--split", "valid_seen",
-                          "--n-tasks", str(n_tasks), "--max-steps", "2", "--max-new-tokens", "8",
+                          "--n-tasks", str(n_tasks), "--max-steps", "2", "--max-new-tokens", "8", "--greedy",
                           "--out-dir", str(out)])
 
 
@@ -294,6 +334,8 @@ def test_agent_eval_writes_results_and_resumes_without_duplicates(tmp_path, monk
     assert res["invalid_rate"] == 1.0 and res["success"] == 0.0 and res["success_ci95"][0] == 0.0
     assert list(res["by_task_type"]) == [first[0]["task_type"]]
     assert json.loads((out / "results.json").read_text()) == res
+    config = json.loads((out / "config.json").read_text())
+    assert (config["temperature"], config["rollouts"]) == (0.0, 1)   # --greedy, resolved
 
     # a larger run in the same dir plays only the new task
     res = agent_eval(out, 2)

@@ -10,6 +10,7 @@ import torch
 
 import common
 import filter as filt
+import prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 PUT_MUG = "put a clean mug in coffeemachine."
@@ -139,6 +140,15 @@ def test_sft_label_is_target_plus_eos_and_long_prompts_are_left_truncated():
     assert tok.decode(label) == f"<think> </think>\n<next_state> {t['next_state']} </next_state>{tok.eos_token}"
     (short, _), = filt.sft_examples(tok, [t], 50)
     assert short == prompt[-50:]
+
+
+def test_sft_and_filter_prompts_are_the_paper_wm_sft_prompt_by_default():
+    tok = common.load_tokenizer("tiny")
+    t = triples("t")[1]
+    (prompt, _), = filt.sft_examples(tok, [t], 1500)
+    assert prompt == common.chat_ids(tok, prompts.wm_messages(t, "sft")) == filt.wm_prompts(tok, [t], 1500)[0]
+    (rwml, _), = filt.sft_examples(tok, [t], 1500, sft_prompt="rwml")
+    assert rwml == common.chat_ids(tok, prompts.wm_messages(t, "rwml")) != prompt
 
 
 def test_sft_resumes_exactly(data, tmp_path):

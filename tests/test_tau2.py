@@ -131,12 +131,15 @@ def test_hostile_actions_are_invalid_never_raise():
         "   ",
         "",
     ]
+    executed = set(hostile[6:12]) | {call("calculate", {"expression": 7})}
     env = make_suite("train", domain="retail", user_llm=lambda m: "Hello.", max_steps=1000, max_errors=1000).make()
     env.reset("retail/0")
     for action in hostile:
         obs, reward, done, info = env.step(action)
         assert not info["valid"] and not done and reward == 0.0, action[:80]
         assert info["next_kind"] == "tool" and obs.startswith("tool: Error"), (action[:80], obs[:200])
+        # unparsable (or guarded) calls are rejected unrun; τ² runs an unknown tool or bad arguments and answers
+        assert info["executed"] == (action in executed), action[:80]
     obs, reward, done, info = env.step("[1, 2]")  # not a call: a (strange) message to the user
     assert info["valid"] and obs == "user: Hello."
     obs, reward, done, info = env.step("###STOP###")  # the agent ends; the official evaluator still scores it
@@ -268,7 +271,7 @@ def test_collect_filter_train_evaluate_on_tau2(tmp_path):
         assert e["task_type"] == "retail" and "<policy>" in e["system_prompt"] and e["user_info"]
         for t, step in enumerate(e["steps"]):
             triple = triples.pop(f"{e['task_id']}#0#{t}", None)
-            if not step["valid"] or not step["next_obs"]:  # nothing to predict: no triple
+            if not (step["valid"] or step["executed"]) or not step["next_obs"]:  # nothing to predict: no triple
                 assert triple is None
                 continue
             assert triple["next_kind"] == step["next_kind"] == step["next_obs"].split(": ", 1)[0]
@@ -309,7 +312,8 @@ def test_collect_filter_train_evaluate_on_tau2(tmp_path):
     assert wm["n"] == len(read_jsonl(data / "triples_val.jsonl")) and set(wm["by_next_kind"]) <= {"tool", "user"}
     agent = evaluate.main(["--what", "agent", "--model", "tiny", "--env", "tau2", "--split", "test",
                            "--task-type", "airline", "--n-tasks", "1", "--max-steps", "2", "--max-new-tokens", "8",
-                           "--history", "5", "--user-model", "tiny", "--out-dir", str(tmp_path / "eval_agent")])
+                           "--history", "5", "--user-model", "tiny", "--greedy",
+                           "--out-dir", str(tmp_path / "eval_agent")])
     assert agent["n_episodes"] == 1 and agent["trials"] == 1 and list(agent["by_task_type"]) == ["airline"]
     assert agent["by_task_type"]["airline"]["n_tasks"] == 1 and agent["success"] == 0.0
 

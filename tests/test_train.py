@@ -186,6 +186,22 @@ def test_ablation_settings_run(tmp_path, monkeypatch, triples, flags):
         assert changed and all("proj" in n for n in changed)   # LoRA adapts the linear layers only
 
 
+def test_judge_score_reward_ablation(tmp_path, triples, monkeypatch):
+    """--reward-mode judge-score --judge-model NAME: the judge make_judge builds scores every prediction."""
+    import rewards
+    built = []
+
+    def fake_make_judge(name, device=None, max_new_tokens=64):
+        built.append(name)
+        return lambda messages: "7"
+    monkeypatch.setattr(rewards, "make_judge", fake_make_judge)
+    train_rwml.main(small("tiny", triples, tmp_path, "--max-steps", "1", "--group-size", "2", "--reward-mode",
+                          "judge-score", "--judge-model", "some-judge"))
+    assert built == ["some-judge"] and metrics(tmp_path)[0]["reward_mean"] == pytest.approx(0.7)
+    with pytest.raises(SystemExit, match="needs --judge-model"):
+        train_rwml.main(small("tiny", triples, tmp_path / "x", "--max-steps", "1", "--reward-mode", "judge-binary"))
+
+
 DRIVER = """
 import sys
 sys.path.insert(0, {root!r})
@@ -231,12 +247,15 @@ def test_policy_task_on_textworld_express(tmp_path):
     """Multi-turn GRPO: 2 tasks x 2 episodes of up to 3 steps, every step a training sample."""
     final = train_rwml.main(["--task", "policy", "--env", "twx", "--model", "tiny", "--out-dir", str(tmp_path),
                              "--prompts-per-step", "2", "--group-size", "2", "--max-env-steps", "3",
-                             "--max-new-tokens", "8", "--max-steps", "2", "--lr", "1e-3", "--micro-batch", "16"])
+                             "--max-new-tokens", "8", "--max-steps", "2", "--lr", "1e-3", "--micro-batch", "16",
+                             "--step-penalty", "0.5"])
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert 0.0 <= r["success_rate"] <= 1.0 and 0.0 <= r["invalid_rate"] <= 1.0
         assert 1 <= r["episode_len"] <= 3
+        # 8 random tokens never hold <think>/<action>: every step pays the penalty, no episode is won
+        assert r["success_rate"] == 0.0 and r["reward_mean"] == pytest.approx(-0.5 * r["episode_len"])
         assert r["train_seqs"] == round(r["episode_len"] * 4)   # one sample per step of each of the 4 episodes
         assert r["agree_max"] < 1e-4
     config = json.loads((tmp_path / "config.json").read_text())
