@@ -144,7 +144,10 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
     # fp32 master weights: in bf16 an lr-2e-6 AdamW update is below the rounding step of most weights
     lm, tok = common.load_model(s.model, dtype=torch.float32, device=d.device)
     examples = sft_examples(tok, triples, s.max_prompt_tokens)
-    scorer = common.wrap_for_training(lm, d)
+    # bf16 compute under FSDP2; one CUDA process autocasts below (train_rwml.py's --precision recipe is not
+    # wired into SFT yet)
+    fsdp_bf16 = d.device.type == "cuda" and d.world > 1
+    scorer = common.wrap_for_training(lm, d, torch.bfloat16 if fsdp_bf16 else torch.float32)
     opt = torch.optim.AdamW(scorer.parameters(), lr=s.lr, weight_decay=0.0)
     start = common.load_checkpoint(last, lm, opt)["step"] if last is not None else 0
     cuda_single = d.device.type == "cuda" and d.world == 1  # FSDP2's mixed precision covers world > 1
