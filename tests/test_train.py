@@ -1,5 +1,6 @@
 """train_rwml.py end to end on the tiny model: it learns, it checkpoints, it resumes exactly, 2 ranks == 1 rank,
 and --task policy plays TextWorld-Express. In-process main(argv) where possible; torchrun in a subprocess."""
+import copy
 import json
 import math
 import os
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import common
 import train_rwml
@@ -117,22 +118,26 @@ def test_wm_task_with_rwml_reward_writes_loadable_checkpoint(tmp_path, triples):
     assert not torch.equal(base.state_dict()["model.norm.weight"], trained["model.norm.weight"])
 
 
-def test_kill_and_resume_gives_the_uninterrupted_parameters(tmp_path, monkeypatch, triples):
-    args = ["--lr", "1e-2", "--max-steps", "4", "--save-every", "2", "--tis-cap", "2"]
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"]], ids=["full", "lora"])
+def test_kill_and_resume_gives_the_uninterrupted_parameters(tmp_path, monkeypatch, triples, lora):
+    """Killed mid-step 4 (step 3 logged, checkpoint at step 2), resumed: the parameters and the metrics rows of
+    the uninterrupted run (LoRA: resumed from the adapters beside the merged model)."""
+    args = ["--lr", "1e-2", "--max-steps", "4", "--save-every", "2", "--tis-cap", "2", *lora]
     toy_reward(monkeypatch)
     train_rwml.main(small("tiny", triples, tmp_path / "straight", *args))
 
     calls = []
 
-    def killed_at_step_3(samples, triples):
+    def killed_at_step_4(samples, triples):
         calls.append(1)
-        if len(calls) == 3:     # mid-step 3, after the step-2 checkpoint
+        if len(calls) == 4:     # mid-step 4: step 3 is in metrics.jsonl, the checkpoint is step 2's
             raise KeyboardInterrupt
         return half_vocab_reward(samples, triples)
-    toy_reward(monkeypatch, killed_at_step_3)
+    toy_reward(monkeypatch, killed_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         train_rwml.main(small("tiny", triples, tmp_path / "killed", *args))
     assert common.latest_checkpoint(tmp_path / "killed" / "ckpt").name == "step_000002"
+    assert [r["step"] for r in metrics(tmp_path / "killed")] == [1, 2, 3]
     toy_reward(monkeypatch)
     train_rwml.main(small("tiny", triples, tmp_path / "killed", *args, "--resume"))
 
@@ -140,10 +145,74 @@ def test_kill_and_resume_gives_the_uninterrupted_parameters(tmp_path, monkeypatc
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     base, _ = common.load_model("tiny")
-    assert not torch.equal(a["model.norm.weight"], base.state_dict()["model.norm.weight"])
+    q = "model.layers.0.self_attn.q_proj.weight"   # trained with and without LoRA
+    assert not torch.equal(a[q], base.state_dict()[q])
     assert [r["step"] for r in metrics(tmp_path / "killed")] == [1, 2, 3, 4]
     assert [r["reward_mean"] for r in metrics(tmp_path / "killed")] == [r["reward_mean"] for r in
                                                                         metrics(tmp_path / "straight")]
+    # a fresh run (no --resume) into a used out_dir starts its metrics anew
+    train_rwml.main(small("tiny", triples, tmp_path / "straight", *args, "--max-steps", "1"))
+    assert [r["step"] for r in metrics(tmp_path / "straight")] == [1]
+
+
+def test_lora_checkpoints_load_as_the_trained_model(tmp_path, monkeypatch, triples):
+    """Every LoRA checkpoint (and the run dir) loads, through common.load_model, as the base model with the
+    trained adapters merged (peft's own merge is the reference); a checkpoint written with peft's layer names
+    is refused with a message, never loaded with random q/k/v/o/gate/up/down weights."""
+    from peft import LoraConfig, get_peft_model
+    toy_reward(monkeypatch)
+    train_rwml.main(small("tiny", triples, tmp_path, "--max-steps", "2", "--save-every", "1", "--lr", "1e-2",
+                          "--lora-rank", "4", "--lora-alpha", "8", "--group-size", "4", "--max-new-tokens", "6"))
+    base, _ = common.load_model("tiny")
+    for name in ("ckpt/step_000001", "ckpt/step_000002", "."):
+        ckpt = common.latest_checkpoint(tmp_path / "ckpt") if name == "." else tmp_path / name
+        peft_lm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        missing, unexpected = peft_lm.get_base_model().load_state_dict(load_file(ckpt / common.ADAPTERS),
+                                                                       strict=False)
+        assert not unexpected and not [k for k in missing if "lora_" in k]
+        want = peft_lm.merge_and_unload().state_dict()
+        got = common.load_model(str(tmp_path / name))[0].state_dict()
+        assert max(float((want[k] - got[k]).abs().max()) for k in want) < 1e-6
+        assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
+                               base.state_dict()["model.layers.0.self_attn.q_proj.weight"])
+
+    old_style = tmp_path / "old_style"      # what a LoRA checkpoint used to be: peft names in model.safetensors
+    peft_lm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules="all-linear"))
+    peft_lm.get_base_model().save_pretrained(old_style)
+    assert "base_layer" in " ".join(load_file(old_style / "model.safetensors"))
+    with pytest.raises(ValueError, match="LoRA adapter-layer weights"):
+        common.load_model(str(old_style))
+
+
+def test_a_model_dir_with_missing_weights_is_refused(tmp_path):
+    lm, tok = common.load_model("tiny")
+    lm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    w = load_file(tmp_path / "model.safetensors")
+    del w["model.layers.1.mlp.down_proj.weight"]
+    save_file(w, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj.weight"):
+        common.load_model(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, triples):
+    out = tmp_path_factory.mktemp("finished")
+    with pytest.MonkeyPatch.context() as mp:
+        toy_reward(mp)
+        train_rwml.main(small("tiny", triples, out, "--max-steps", "1", "--group-size", "2", "--max-new-tokens", "4"))
+    return out
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--max-prompt-tokens", "1000"), ("--tau-d", "0.3"), ("--tau-d-user", "0.3"), ("--embedder", "other"),
+    ("--reward-mode", "score"), ("--reward-max-tokens", "50"), ("--invalid-penalty", "0.2"), ("--clip-low", "0.3"),
+    ("--clip-high", "0.28"), ("--entropy-coef", "0.01"), ("--max-env-steps", "10"), ("--history", "5"),
+    ("--zero-var-std", "0.1"), ("--precision", "bf16"), ("--lora-alpha", "16"), ("--grad-clip", "0.5")])
+def test_resume_refuses_settings_that_change_the_objective_or_data(finished_run, triples, flag, value):
+    with pytest.raises(SystemExit, match=flag):
+        train_rwml.main(small("tiny", triples, finished_run, "--max-steps", "1", "--group-size", "2",
+                              "--max-new-tokens", "4", "--resume", flag, value))
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
@@ -179,7 +248,7 @@ def test_ablation_settings_run(tmp_path, monkeypatch, triples, flags):
     if "--warmup-steps" in flags:
         assert [r["lr"] for r in rows] == pytest.approx([0.005, 0.01])
     if "--lora-rank" in flags:
-        assert final == tmp_path / "merged"
+        assert final == tmp_path / "ckpt" / "step_000002"
         model, _ = common.load_model(str(final))
         base, _ = common.load_model("tiny")
         changed = [n for n, p in model.named_parameters() if not torch.equal(p, base.state_dict()[n])]
@@ -225,6 +294,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch, triples, pe
     moved = max(float((a[k] - base.state_dict()[k]).abs().max()) for k in a)
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert moved > 1e-3 and diff < 1e-5, (moved, diff)
+    assert two[1]["agree_max"] < 1e-4   # step 2 samples from the generation copy synced after step 1's update
 
 
 def test_policy_task_on_textworld_express(tmp_path):
