@@ -1,17 +1,79 @@
-"""Shared by the trainer-math tests and their torchrun driver: a fixed GRPO batch on the tiny model, and the
-plain full-batch PyTorch GRPO objective (clip, k3 KL, token-mean, truncated IS weights) that grpo_update must
-reproduce. Run as a script under torchrun it is that driver (see main)."""
+"""Shared by the trainer tests: tiny data, models, a toy reward and run helpers; a fixed GRPO batch on the tiny
+model and the plain full-batch PyTorch GRPO objective (clip, k3 KL, token-mean, truncated IS weights) that
+grpo_update must reproduce. Run as a script under torchrun it is the 2-rank driver of test_trainer_math (main)."""
 import copy
+import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import common  # noqa: E402
-import train_rwml  # noqa: E402
+import common
+import train_rwml
+
+OBJECTS = ["apple", "mug", "book", "key", "pen", "cd", "bowl", "vase"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny-model steps are many small ops: one thread is as fast, and a busy machine cannot stall it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def write_triples(path: Path, n: int = 8) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            o = OBJECTS[i % len(OBJECTS)]
+            f.write(json.dumps({
+                "id": f"t{i}", "env": "alfworld", "task_id": f"task{i}", "instruction": f"put a {o} in drawer 1",
+                "history": [{"obs": "You arrive at the kitchen.", "action": "look"}],
+                "state": f"You see a {o} on table 1.", "action": f"take {o} from table 1",
+                "next_state": f"You pick up the {o} from the table 1.", "next_kind": "obs"}) + "\n")
+    return path
+
+
+def save_peaked_tiny(path: Path) -> str:
+    """The tiny model with its (tied) embeddings scaled x30: a peaked next-token distribution, so sampled tokens
+    repeat and temperature matters (the random-init tiny model is almost uniform over 49k tokens)."""
+    lm, tok = common.load_model("tiny")
+    with torch.no_grad():
+        lm.get_input_embeddings().weight.mul_(30.0)
+    lm.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+# A reward the tiny model can learn in a few dozen steps: the share of response tokens from the lower half of
+# the vocabulary. (The RWML reward needs a model that already writes <next_state> tags.)
+HALF_VOCAB = 49152 // 2
+
+
+def half_vocab_reward(samples, triples):
+    return torch.tensor([sum(t < HALF_VOCAB for t in x.response_ids) / len(x.response_ids) for x in samples])
+
+
+def toy_reward(monkeypatch, fn=half_vocab_reward):
+    monkeypatch.setattr(train_rwml, "make_reward", lambda s: fn)
+
+
+def small(model, data, out, *extra) -> list[str]:
+    return ["--model", str(model), "--data", str(data), "--out-dir", str(out), "--prompts-per-step", "4",
+            "--group-size", "8", "--max-new-tokens", "8", "--micro-batch", "32", "--beta", "0", *map(str, extra)]
+
+
+def metrics(out) -> list[dict]:
+    return common.read_jsonl(Path(out) / "metrics.jsonl")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A fixed GRPO batch and the objective written out
 
 N_SEQS = 6
 

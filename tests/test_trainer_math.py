@@ -7,17 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
 import torch
+from helpers import metrics, one_thread, small, toy_reward, write_triples  # noqa: F401 -- one_thread: autouse
 from safetensors.torch import load_file
 
 import common
-import helpers
-import rollout
 import rewards
+import rollout
 import train_rwml
 from kernels import group_advantages
-from test_train import metrics, one_thread, small, toy_reward, write_triples  # noqa: F401 -- one_thread: autouse
 
 ROOT = Path(__file__).resolve().parent.parent
 
