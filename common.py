@@ -3,7 +3,9 @@ JSONL I/O and checkpoints. Flat functions; read top to bottom."""
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -81,8 +83,8 @@ def _resolve(name: str) -> str | Path:
         return _smollm2_dir()
     path = Path(name).expanduser()
     if path.exists():
-        if not _is_model_dir(path):  # a run dir: its merged LoRA model, else its newest checkpoint
-            path = next((p for p in (path / "merged", latest_checkpoint(path / "ckpt")) if p and p.exists()), path)
+        if not _is_model_dir(path):  # a run dir: its newest checkpoint
+            path = latest_checkpoint(path / "ckpt") or path
         if not _is_model_dir(path):
             raise FileNotFoundError(f"{path} holds no model (config.json + *.safetensors) and no checkpoint; "
                                     f"accepted: {', '.join(MODEL_NAMES)}")
@@ -90,6 +92,22 @@ def _resolve(name: str) -> str | Path:
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return name  # a Hugging Face id (needs the hub or its local cache)
     raise ValueError(f"unknown model {name!r}; accepted: {', '.join(MODEL_NAMES)}")
+
+
+def _refuse_adapter_weights(path: Path) -> None:
+    """A model dir whose weights carry peft's LoRA names (base_layer, lora_A/B) is not a model: transformers would
+    skip those names and initialise q/k/v/o/gate/up/down at random."""
+    from safetensors import safe_open
+    for f in sorted(path.glob("model*.safetensors")):
+        with safe_open(f, "pt") as st:
+            if any(_is_lora_key(k) for k in st.keys()):
+                raise ValueError(f"{f}: LoRA adapter-layer weights (peft names), not a model; pass a checkpoint "
+                                 f"written by the current train_rwml.py (its model.safetensors holds the merged "
+                                 f"weights), or merge the adapters into the base model first")
+
+
+def _is_lora_key(name: str) -> bool:
+    return ".base_layer." in name or ".lora_" in name
 
 
 def load_tokenizer(name: str):
@@ -117,7 +135,17 @@ def load_model(name: str, dtype: torch.dtype | None = None, device: str | torch.
                 attn = "flash_attention_2"
             except ImportError:
                 pass
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation=attn)
+        if isinstance(src, Path):
+            _refuse_adapter_weights(src)
+        model, info = AutoModelForCausalLM.from_pretrained(src, dtype=dtype, attn_implementation=attn,
+                                                           output_loading_info=True)
+        # transformers initialises missing weights at random and says so only in a log line: a model that is
+        # not fully in the files is an error (tied output embeddings are not stored, so they are not missing)
+        tied = model.config.tie_word_embeddings
+        missing = [k for k in info["missing_keys"] if not (tied and k.startswith("lm_head"))]
+        if missing:
+            raise ValueError(f"{src}: weights missing from the files, they would load as random values: "
+                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
     model.generation_config.pad_token_id = tok.pad_token_id
     return model.to(device=device, dtype=dtype), tok
 
@@ -289,18 +317,61 @@ class TokenLogprobs(nn.Module):
         return full, ent_full
 
 
-def wrap_for_training(lm, d: "Dist") -> TokenLogprobs:
-    """TokenLogprobs over the LM; under torchrun each decoder layer, then the wrapper (embeddings, lm_head) are
-    FSDP2-sharded, computing in bf16 on CUDA over fp32 master weights."""
-    scorer = TokenLogprobs(lm)
+def wrap_for_training(lm, d: "Dist", compute_dtype: torch.dtype = torch.float32) -> TokenLogprobs:
+    """TokenLogprobs over the LM, one precision recipe for any world size: lm holds the fp32 master weights (and
+    gets fp32 gradients: the optimizer's), forward/backward run on compute_dtype copies of them. Under torchrun
+    each decoder layer, then the wrapper (embeddings, lm_head) are FSDP2-sharded with that mixed-precision
+    policy. In one process with compute_dtype below fp32, the wrapper holds a compute copy of the LM whose
+    gradients are added, in fp32, to the master's as each one is ready; the caller copies the master weights
+    into it after every optimizer step (sync_after_steps)."""
     if d.world > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if d.device.type == "cuda" else MixedPrecisionPolicy()
+        scorer = TokenLogprobs(lm)
+        mp = MixedPrecisionPolicy() if compute_dtype == torch.float32 else \
+            MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for layer in lm.get_decoder().layers:
             fully_shard(layer, mp_policy=mp)
         fully_shard(scorer, mp_policy=mp)
-    return scorer
+        return scorer
+    if compute_dtype == torch.float32:
+        return TokenLogprobs(lm)
+    compute = copy.deepcopy(lm).to(compute_dtype)
+    for master, p in zip(lm.parameters(), compute.parameters()):
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(functools.partial(_grad_to_master, master))
+    return TokenLogprobs(compute)
+
+
+def compute_dtype(precision: str | None, d: "Dist") -> torch.dtype:
+    """--precision fp32 | bf16 -> the compute dtype; None = bf16 on CUDA, fp32 on CPU."""
+    precision = precision or ("bf16" if d.device.type == "cuda" else "fp32")
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+@torch.no_grad()
+def sync_weights(copy_lm, lm) -> None:
+    """Copy the trained (master) weights into a copy: the generation model, or the one-process compute copy.
+    FSDP2 shards are gathered one parameter at a time (every rank's copy holds the full weights). Frozen weights
+    never change."""
+    if copy_lm is lm:
+        return
+    for (name, p), (copy_name, q) in zip(lm.named_parameters(), copy_lm.named_parameters()):
+        assert name == copy_name, (name, copy_name)
+        if p.requires_grad:
+            q.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+
+
+def sync_after_steps(optimizer, compute_lm, lm) -> None:
+    """One-process bf16 (wrap_for_training): every optimizer step refreshes the compute copy from the master."""
+    if compute_lm is not lm:
+        optimizer.register_step_post_hook(lambda *_: sync_weights(compute_lm, lm))
+
+
+def _grad_to_master(master: torch.Tensor, p: torch.Tensor) -> None:
+    """Accumulate a compute-copy gradient into the fp32 master gradient (micro-batches add up in fp32)."""
+    g = p.grad.to(master.dtype)
+    master.grad = g if master.grad is None else master.grad.add_(g)
+    p.grad = None
 
 
 def pack_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, device=None):
@@ -449,6 +520,13 @@ class MetricsLogger:
     def __init__(self, path, enabled: bool = True):
         self.path, self.enabled = Path(path), enabled
 
+    def restart(self, step: int) -> None:
+        """Keep the rows of steps <= step and drop the rest (atomically): a resumed run continues from its
+        checkpoint's step without the rows a killed run logged after it; step 0 starts the file anew."""
+        if self.enabled:
+            write_jsonl(self.path, [r for r in read_jsonl_resumable(self.path) if r.get("step", 0) <= step]
+                        if step else [])
+
     def log(self, row: dict) -> None:
         if self.enabled:
             append_jsonl(self.path, [{"time": round(time.time(), 3), **row}])
@@ -546,6 +624,27 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+ADAPTERS = "lora_adapters.safetensors"   # beside a LoRA checkpoint's merged model: what --resume continues
+
+
+def merge_lora(msd: dict, scaling: float) -> tuple[dict, dict]:
+    """A state dict with peft's LoRA names -> (the merged model's state dict with the base model's names, the
+    adapter weights). Each adapted linear: W = W_base + scaling * B @ A (computed in fp32)."""
+    merged, adapters = {}, {}
+    for k, v in msd.items():
+        if ".lora_" in k:
+            adapters[k] = v
+        elif ".base_layer." in k:
+            prefix, leaf = k.split(".base_layer.")
+            if leaf == "weight":
+                a, b = msd[f"{prefix}.lora_A.default.weight"], msd[f"{prefix}.lora_B.default.weight"]
+                v = (v.float() + scaling * (b.float() @ a.float())).to(v.dtype)
+            merged[f"{prefix}.{leaf}"] = v
+        else:
+            merged[k] = v
+    return merged, adapters
+
+
 def _full_state(model, optimizer):
     """Full (unsharded) model/optimizer state dicts; a collective under torch.distributed (FSDP2 or not)."""
     if dist.is_initialized():
@@ -559,9 +658,16 @@ def _full_state(model, optimizer):
 
 
 def save_checkpoint(ckpt_root, step: int, model, tokenizer=None, optimizer=None, scheduler=None,
-                    extra: dict | None = None, keep: int = 2) -> Path | None:
-    """All ranks call it (the state gather is collective); rank 0 writes. Returns the checkpoint dir on rank 0."""
+                    extra: dict | None = None, keep: int = 2, lora_scaling: float | None = None) -> Path | None:
+    """All ranks call it (the state gather is collective); rank 0 writes. Returns the checkpoint dir on rank 0.
+    A model with peft LoRA layers (lora_scaling = alpha / rank) is written as the merged model, so the checkpoint
+    loads as the trained model anywhere, and its adapters go beside it (ADAPTERS) for --resume."""
     msd, osd = _full_state(model, optimizer)
+    adapters = {}
+    if any(_is_lora_key(k) for k in msd):
+        if lora_scaling is None:
+            raise ValueError("save_checkpoint: the model has LoRA layers, pass lora_scaling (alpha / rank)")
+        msd, adapters = merge_lora(msd, lora_scaling)
     if dist.is_initialized() and dist.get_rank() != 0:
         dist.barrier()
         return None
@@ -571,6 +677,9 @@ def save_checkpoint(ckpt_root, step: int, model, tokenizer=None, optimizer=None,
     tmp = ckpt_root / f".tmp_step_{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=msd, safe_serialization=True)
+    if adapters:
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in adapters.items()}, tmp / ADAPTERS)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": osd, "scheduler": scheduler.state_dict() if scheduler else None,
@@ -601,19 +710,26 @@ def load_checkpoint(path, model=None, optimizer=None, scheduler=None) -> dict:
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=True)
     if model is not None:
         from safetensors.torch import load_file
-        msd = {}
-        for f in sorted(path.glob("*.safetensors")):
-            msd.update(load_file(f))
+        if (path / ADAPTERS).exists():   # LoRA: frozen base weights are the start model's; the adapters continue
+            msd = load_file(path / ADAPTERS)
+            wanted = lambda k: ".lora_" in k
+        else:
+            msd = {}
+            for f in sorted(path.glob("model*.safetensors")):
+                msd.update(load_file(f))
+            wanted = lambda k: "lm_head" not in k   # tied embeddings are saved once
+        # checked here for every world size: under FSDP2, set_model_state_dict fills absent keys with the
+        # model's current values and reports nothing
+        names = set(model.state_dict())
+        missing, unexpected = sorted(k for k in names - set(msd) if wanted(k)), sorted(set(msd) - names)
+        if missing or unexpected:
+            raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]})")
         if dist.is_initialized():
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
             set_model_state_dict(model, msd, options=StateDictOptions(full_state_dict=True, strict=False))
         else:
-            missing, unexpected = model.load_state_dict(msd, strict=False)
-            # tied embeddings are saved once; anything else missing is a real mismatch
-            missing = [k for k in missing if "lm_head" not in k]
-            if missing or unexpected:
-                raise RuntimeError(f"{path}: checkpoint does not match the model (missing {missing[:5]}, "
-                                   f"unexpected {unexpected[:5]})")
+            model.load_state_dict(msd, strict=False)
     if optimizer is not None and state["optimizer"] is not None:
         if dist.is_initialized():
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

@@ -48,6 +48,8 @@ class Settings:
     sft_prompt: str = common.flag("paper", "prompt of the SFT and the filter's predictions: paper = the WM SFT "
                                   "prompt (predict directly); rwml = the RWML reasoning prompt", ["paper", "rwml"])
     seed: int = common.flag(0, "data order, sampling and the keep coin")
+    precision: str | None = common.flag(None, "fp32 | bf16: SFT forward/backward and the predictions in bf16 (over fp32 "
+                                        "master weights); none = bf16 on CUDA, fp32 on CPU", ["fp32", "bf16"])
     # stage 1: SFT (paper: 2 epochs, lr 2e-6, batch 32)
     epochs: int = common.flag(2, "SFT epochs (0: score with the base model)")
     lr: float = common.flag(2e-6, "AdamW learning rate (constant)")
@@ -155,7 +157,9 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
     if s.batch_size % (s.micro_batch * d.world):
         raise ValueError(f"--batch-size {s.batch_size} must be a multiple of --micro-batch {s.micro_batch} "
                          f"x {d.world} rank(s)")
-    # fp32 master weights: in bf16 an lr-2e-6 AdamW update is below the rounding step of most weights
+    # fp32 master weights (in bf16 an lr-2e-6 AdamW update is below the rounding step of most weights); forward and
+    # backward in the --precision dtype (common.wrap_for_training: one recipe for one process and FSDP2)
+    compute_dtype = common.compute_dtype(s.precision, d)
     lm, tok = common.load_model(s.model, dtype=torch.float32, device=d.device)
     examples = sft_examples(tok, triples, s.max_prompt_tokens, s.sft_prompt)
     if s.format_episodes:
@@ -169,10 +173,10 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
         common.print0(f"SFT already done: {last}")
         return last
 
-    scorer = common.wrap_for_training(lm, d)
-    opt = torch.optim.AdamW(scorer.parameters(), lr=s.lr, weight_decay=0.0)
+    scorer = common.wrap_for_training(lm, d, compute_dtype)
+    opt = torch.optim.AdamW(lm.parameters(), lr=s.lr, weight_decay=0.0)   # the fp32 master weights
+    common.sync_after_steps(opt, scorer.lm, lm)
     start = common.load_checkpoint(last, lm, opt)["step"] if last is not None else 0
-    cuda_single = d.device.type == "cuda" and d.world == 1  # FSDP2's mixed precision covers world > 1
     if start:
         common.print0(f"resuming SFT from {last} (step {start}/{total})")
 
@@ -186,12 +190,11 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
         for m0 in range(0, len(mine), s.micro_batch):
             ps, ls = zip(*(examples[i] for i in mine[m0:m0 + s.micro_batch]))
             ids, attn, mask = common.pack_batch(list(ps), list(ls), tok.pad_token_id, d.device)
-            with torch.autocast("cuda", torch.bfloat16, enabled=cuda_single):
-                logp, _ = scorer(ids, attn, mask)
+            logp, _ = scorer(ids, attn, mask)
             # mean NLL over the global batch's label tokens; FSDP averages gradients over ranks, so x world
             (-logp.sum() * d.world / n_tokens).backward()
             nll += -logp.detach().sum()
-        grad_norm = torch.nn.utils.clip_grad_norm_(scorer.parameters(), s.grad_clip or float("inf"))
+        grad_norm = torch.nn.utils.clip_grad_norm_(lm.parameters(), s.grad_clip or float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         if d.world > 1:
@@ -226,7 +229,7 @@ def score(s: Settings, d: common.Dist, model_path: Path, triples: list[dict], pa
     common.print0(f"scoring {len(triples) - len(done)} triples ({len(done)} already scored) on {d.world} rank(s)")
     if not todo:
         return
-    model, tok = common.load_model(str(model_path), device=d.device)
+    model, tok = common.load_model(str(model_path), dtype=common.compute_dtype(s.precision, d), device=d.device)
     reward = WorldModelReward(s.embedder, tau_d=s.tau_d, tau_d_user=s.tau_d_user, max_tokens=s.reward_max_tokens,
                               embed_instruction=s.embed_instruction, device=str(d.device))
     prompt_ids = wm_prompts(tok, todo, s.max_prompt_tokens, s.sft_prompt)

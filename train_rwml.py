@@ -14,7 +14,10 @@ old log-probs: the trainer's own log-probs under the pre-update weights, taken f
 reuse them. The sampler's log-probs are used only by the agreement check and the --tis-cap weight.
 
 Outputs in out_dir: config.json, metrics.jsonl (a row per step), ckpt/step_N (HF model + trainer state; the last
-one is the trained model), merged/ (LoRA only: the adapters merged into the model).
+one is the trained model; with LoRA the model is the merged one and the adapters lie beside it for --resume).
+
+Precision (--precision): one recipe for one process and for FSDP2: fp32 master weights, gradients and optimizer
+state; forward/backward on bf16 copies of the weights (bf16); generation and the reference model in bf16.
 Diagnostics (issue 12) run every step; alarms go to the console and to the "alarms" key of metrics.jsonl.
 """
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
-import json
 import math
 import random
 import re
@@ -48,7 +50,7 @@ class Settings:
     """GRPO: RWML world-model training (--task wm) or policy RL on task success (--task policy)."""
     task: str = common.flag("wm", "wm: predict next states (RWML); policy: act in --env for task success", ["wm", "policy"])
     model: str = common.flag("smollm2-135m", "start: tiny | smollm2-135m | HF id | checkpoint dir (base, WM SFT, RWML)")
-    out_dir: str = common.flag("runs/rwml", "config.json, metrics.jsonl, ckpt/ (and merged/ with LoRA)")
+    out_dir: str = common.flag("runs/rwml", "config.json, metrics.jsonl, ckpt/")
     seed: int = common.flag(0, "data order and sampling")
     resume: bool = common.flag(False, "continue from out_dir/ckpt/latest (same settings)")
     # --task wm data
@@ -90,6 +92,9 @@ class Settings:
     ppo_epochs: int = common.flag(1, "optimizer steps on each batch (> 1: the clip and old log-probs matter)")
     micro_batch: int = common.flag(8, "sequences per forward/backward (gradients accumulate over the whole batch)")
     optim: str = common.flag("adamw", "adamw8bit = bitsandbytes AdamW8bit", ["adamw", "adamw8bit"])
+    precision: str | None = common.flag(None, "fp32 | bf16: compute (forward/backward, generation, reference) in "
+                                        "bf16 over fp32 master weights; none = bf16 on CUDA, fp32 on CPU",
+                                        ["fp32", "bf16"])
     grad_checkpointing: bool = common.flag(False, "recompute decoder activations in backward")
     lora_rank: int = common.flag(0, "LoRA rank via peft on all linear layers (0 = full fine-tuning)")
     lora_alpha: int = common.flag(32, "LoRA alpha")
@@ -137,10 +142,15 @@ class Settings:
 PAPER_DEFAULTS = {"wm": {"prompts_per_step": 32, "beta": 0.001, "entropy_coef": 0.0},
                   "policy": {"prompts_per_step": 8, "beta": 0.01, "entropy_coef": 0.001}}
 TRIPLE_KEYS = ("id", "env", "instruction", "history", "state", "action", "next_state", "next_kind")
-# settings that define the run: --resume refuses to continue under others (exact continuation)
-SAME_ON_RESUME = ("task", "model", "data", "env", "split", "seed", "prompts_per_step", "group_size", "temperature",
-                  "top_p", "max_new_tokens", "gen_chunk", "epochs", "max_steps", "lr", "lr_schedule", "warmup_steps",
-                  "ppo_epochs", "lora_rank", "optim", "agg", "beta", "kl", "adv_scale", "tis_cap", "drop_zero_var")
+# settings that define the run (its data, samples, objective or optimizer): --resume refuses to continue under
+# others (exact continuation)
+SAME_ON_RESUME = ("task", "model", "data", "max_prompt_tokens", "env", "split", "max_env_steps", "history",
+                  "win_reward", "step_penalty", "penalize", "user_model", "seed", "prompts_per_step", "group_size",
+                  "temperature", "top_p", "max_new_tokens", "gen_chunk", "epochs", "max_steps", "lr", "lr_schedule",
+                  "warmup_steps", "weight_decay", "grad_clip", "ppo_epochs", "optim", "precision", "lora_rank",
+                  "lora_alpha", "agg", "clip_low", "clip_high", "beta", "kl", "adv_scale", "entropy_coef", "embedder",
+                  "embed_instruction", "tau_d", "tau_d_user", "reward_max_tokens", "reward_mode", "judge_model",
+                  "tis_cap", "zero_var_std", "drop_zero_var")
 LOGP_TOL = 1e-3  # a log-prob above this is a bug (wrong normalisation or gather), not rounding
 
 
@@ -200,18 +210,6 @@ def sample_groups(gen_lm, tokenizer, prompt_ids: list[list[int]], keys: list[int
 
 # ----------------------------------------------------------------------------------------------------------
 # Model setup: the trained model (FSDP2 under torchrun), a generation copy, a frozen reference
-
-
-@torch.no_grad()
-def sync_generation_model(gen_lm, lm) -> None:
-    """Copy the trained weights into the generation copy: FSDP2 shards are gathered one parameter at a time
-    (every rank holds the full copy: generation with the full parameters). Frozen weights never change."""
-    if gen_lm is lm:
-        return
-    for (name, p), (gen_name, q) in zip(lm.named_parameters(), gen_lm.named_parameters()):
-        assert name == gen_name, (name, gen_name)
-        if p.requires_grad:
-            q.copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
 
 
 def make_optimizer(s: Settings, params, total_updates: int):
@@ -421,7 +419,6 @@ def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, schedul
     n_tok, n_seq = all_sum(d, sum(len(q["response_ids"]) for q in seqs), len(seqs))
     if n_tok == 0:  # every group dropped on every rank
         return {"skipped": "empty batch"}
-    cuda_single = d.device.type == "cuda" and d.world == 1   # FSDP2's mixed precision covers world > 1
     sums = Counter()   # token-weighted stats of this rank
     agree_max, nonfinite, epochs_run = 0.0, False, 0
     for epoch in range(s.ppo_epochs):
@@ -429,14 +426,13 @@ def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, schedul
         loss_total = 0.0
         for mb in batches:
             mask = mb["mask"]
-            with torch.autocast("cuda", torch.bfloat16, enabled=cuda_single):
-                logp, ent = scorer(mb["ids"], mb["attn"], mask, s.temperature,
-                                   with_entropy=epoch == 0 or s.entropy_coef > 0)
-                if epoch == 0:
-                    mb["old"] = logp.detach()
-                    if ref_scorer is not None:
-                        with torch.no_grad():
-                            mb["ref"] = ref_scorer(mb["ids"], mb["attn"], mask, s.temperature)[0]
+            logp, ent = scorer(mb["ids"], mb["attn"], mask, s.temperature,
+                               with_entropy=epoch == 0 or s.entropy_coef > 0)
+            if epoch == 0:
+                mb["old"] = logp.detach()
+                if ref_scorer is not None:
+                    with torch.no_grad():
+                        mb["ref"] = ref_scorer(mb["ids"], mb["attn"], mask, s.temperature)[0]
             w, tokens = mb["weight"], float(mask.sum()) * mb["weight"]
             if epoch == 0:  # before any update: does the trainer see what the sampler sampled?
                 diff = (mb["old"] - mb["rollout"]).abs()[mask]
@@ -528,6 +524,7 @@ def main(argv: list[str] | None = None) -> Path:
         if getattr(s, k) is None:
             setattr(s, k, v)
     d = common.init_distributed()
+    s.precision = "bf16" if common.compute_dtype(s.precision, d) == torch.bfloat16 else "fp32"   # as config.json says
     out = Path(s.out_dir)
     ckpt_root = out / "ckpt"
     P, G = s.prompts_per_step, s.group_size
@@ -539,20 +536,17 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit("--temperature must be > 0 for training (the trainer scores the sampled distribution)")
     if s.tis_cap and s.tis_cap < 1:
         raise SystemExit(f"--tis-cap {s.tis_cap}: the cap must be >= 1 (or 0 = off)")
-    if s.resume and (out / "config.json").exists():
-        old = json.loads((out / "config.json").read_text())
-        changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {getattr(s, k)!r}" for k in SAME_ON_RESUME
-                   if old.get(k) != getattr(s, k)]
-        if changed:
-            raise SystemExit(f"--resume: {out} was trained with other settings ({'; '.join(changed)})")
+    if s.resume:
+        common.check_resume(s, out, SAME_ON_RESUME)
     common.seed_everything(s.seed)
     if d.main:
         common.save_config(s, out)
     log = common.MetricsLogger(out / "metrics.jsonl", enabled=d.main)
 
-    # Models: fp32 master weights (lr 1e-6 updates vanish in bf16 weights); generation and reference in the compute
-    # dtype. A single CPU process generates with the trained model itself.
-    compute_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    # Models: fp32 master weights (lr 1e-6 updates vanish in bf16 weights); training, generation and reference
+    # compute in the --precision dtype (common.wrap_for_training). One process generates with the weights it
+    # trains on (fp32: the model itself; bf16: its compute copy); under torchrun each rank has a full copy.
+    compute_dtype = common.compute_dtype(s.precision, d)
     lm, tokenizer = common.load_model(s.model, dtype=torch.float32, device=d.device)
     ref_lm = copy.deepcopy(lm).to(compute_dtype).eval().requires_grad_(False) if s.beta > 0 else None
     if s.lora_rank:
@@ -561,8 +555,9 @@ def main(argv: list[str] | None = None) -> Path:
     if s.grad_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.train()
-    gen_lm = lm if (d.world == 1 and d.device.type == "cpu") else copy.deepcopy(lm).to(compute_dtype)
-    scorer = common.wrap_for_training(lm, d)
+    gen_lm = copy.deepcopy(lm).to(compute_dtype) if d.world > 1 else None   # before sharding: full parameters
+    scorer = common.wrap_for_training(lm, d, compute_dtype)
+    gen_lm = scorer.lm if gen_lm is None else gen_lm
     ref_scorer = common.TokenLogprobs(ref_lm) if ref_lm is not None else None
     hf_model = lm.get_base_model() if s.lora_rank else lm   # what checkpoints save (save_pretrained, HF keys)
 
@@ -582,17 +577,19 @@ def main(argv: list[str] | None = None) -> Path:
     total_steps = s.max_steps or int(s.epochs * n_items // P)
     if total_steps < 1:
         raise SystemExit(f"no training steps: {n_items} items, {P} per step, --epochs {s.epochs}")
-    params = [p for p in scorer.parameters() if p.requires_grad]
+    params = [p for p in lm.parameters() if p.requires_grad]   # the fp32 master weights (FSDP2: their shards)
     optimizer, scheduler = make_optimizer(s, params, total_steps * s.ppo_epochs)
+    common.sync_after_steps(optimizer, scorer.lm, lm)   # one-process bf16: each optimizer step refreshes the copy
 
     state = {"step": 0, "nonfinite_in_row": 0, "nonfinite_total": 0, "alarm_start": {}, "start_rows": []}
     latest = common.latest_checkpoint(ckpt_root) if s.resume else None
     if latest is not None:
         state.update(common.load_checkpoint(latest, hf_model, optimizer, scheduler)["extra"])
-        sync_generation_model(gen_lm, lm)
+        common.sync_weights(gen_lm, lm)
         common.print0(f"resumed from {latest} at step {state['step']}")
     elif s.resume:
         common.print0(f"--resume: no checkpoint in {ckpt_root}, starting fresh")
+    log.restart(state["step"])   # rows past the checkpoint (a kill after logging) or of an earlier run go
     common.print0(f"{s.task}: {total_steps} steps x {P} {'prompts' if s.task == 'wm' else 'tasks'} x G={G}, "
                   f"{n_items} items, world {d.world}, model {s.model}")
 
@@ -640,7 +637,7 @@ def main(argv: list[str] | None = None) -> Path:
         # 3. train
         lr = scheduler.get_last_lr()[0]
         train = grpo_update(seqs, scorer, ref_scorer, params, optimizer, scheduler, s, d, tokenizer.pad_token_id)
-        sync_generation_model(gen_lm, lm)
+        common.sync_weights(gen_lm, lm)
         t_train = time.perf_counter()
 
         # 4. metrics and diagnostics over all ranks (the agreement and TIS numbers came from the update)
@@ -695,18 +692,11 @@ def main(argv: list[str] | None = None) -> Path:
                              f"reward, or resume from the last checkpoint in {ckpt_root}")
         if (step + 1) % s.save_every == 0 or step + 1 == total_steps:
             common.save_checkpoint(ckpt_root, step + 1, hf_model, tokenizer, optimizer, scheduler,
-                                   extra={**state, "data_pos": (step + 1) * P})
+                                   extra={**state, "data_pos": (step + 1) * P},
+                                   lora_scaling=s.lora_alpha / s.lora_rank if s.lora_rank else None)
 
     # The last checkpoint is the trained model (HF format: common.load_model, evaluate.py, policy RL take it).
-    # LoRA checkpoints hold adapter layers for resuming; the merged model goes to out_dir/merged.
     final = ckpt_root / f"step_{total_steps:06d}"
-    if s.lora_rank:
-        final = out / "merged"
-        if d.main:
-            copy.deepcopy(lm if d.world == 1 else gen_lm).merge_and_unload().save_pretrained(final)
-            tokenizer.save_pretrained(final)
-    if d.world > 1:
-        dist.barrier()
     common.print0(f"trained model: {final}")
     return final
 

@@ -5,12 +5,19 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    half_vocab_reward,
+    metrics,
+    one_thread,  # noqa: F401 -- the autouse fixture applies here too
+    save_peaked_tiny,
+    small,
+    toy_reward,
+    write_triples,
+)
 
 import common
 import train_rwml
 from prompts import extract_next_state
-from test_train import half_vocab_reward, metrics, save_peaked_tiny, small, toy_reward, write_triples
-from test_train import one_thread  # noqa: F401 -- the autouse fixture applies here too
 
 S = train_rwml.Settings()
 

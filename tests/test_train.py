@@ -1,5 +1,6 @@
 """train_rwml.py end to end on the tiny model: it learns, it checkpoints, it resumes exactly, 2 ranks == 1 rank,
 and --task policy plays TextWorld-Express. In-process main(argv) where possible; torchrun in a subprocess."""
+import copy
 import json
 import math
 import os
@@ -9,34 +10,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import (
+    HALF_VOCAB,
+    half_vocab_reward,
+    metrics,
+    one_thread,  # noqa: F401 -- the autouse fixture applies here too
+    save_peaked_tiny,
+    small,
+    toy_reward,
+    write_triples,
+)
+from safetensors.torch import load_file, save_file
 
 import common
 import train_rwml
 
 ROOT = Path(__file__).resolve().parent.parent
-OBJECTS = ["apple", "mug", "book", "key", "pen", "cd", "bowl", "vase"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny-model steps are many small ops: one thread is as fast, and a busy machine cannot stall it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def write_triples(path: Path, n: int = 8) -> Path:
-    with open(path, "w") as f:
-        for i in range(n):
-            o = OBJECTS[i % len(OBJECTS)]
-            f.write(json.dumps({
-                "id": f"t{i}", "env": "alfworld", "task_id": f"task{i}", "instruction": f"put a {o} in drawer 1",
-                "history": [{"obs": "You arrive at the kitchen.", "action": "look"}],
-                "state": f"You see a {o} on table 1.", "action": f"take {o} from table 1",
-                "next_state": f"You pick up the {o} from the table 1.", "next_kind": "obs"}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -44,42 +33,9 @@ def triples(tmp_path_factory) -> Path:
     return write_triples(tmp_path_factory.mktemp("data") / "triples.jsonl")
 
 
-def save_peaked_tiny(path: Path) -> str:
-    """The tiny model with its (tied) embeddings scaled x30: a peaked next-token distribution, so sampled tokens
-    repeat and temperature matters (the random-init tiny model is almost uniform over 49k tokens)."""
-    lm, tok = common.load_model("tiny")
-    with torch.no_grad():
-        lm.get_input_embeddings().weight.mul_(30.0)
-    lm.save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def peaked_model(tmp_path_factory) -> str:
     return save_peaked_tiny(tmp_path_factory.mktemp("peaked"))
-
-
-# A reward the tiny model can learn in a few dozen steps: the share of response tokens from the lower half of
-# the vocabulary. (The RWML reward needs a model that already writes <next_state> tags.)
-HALF_VOCAB = 49152 // 2
-
-
-def half_vocab_reward(samples, triples):
-    return torch.tensor([sum(t < HALF_VOCAB for t in x.response_ids) / len(x.response_ids) for x in samples])
-
-
-def toy_reward(monkeypatch, fn=half_vocab_reward):
-    monkeypatch.setattr(train_rwml, "make_reward", lambda s: fn)
-
-
-def small(model, data, out, *extra) -> list[str]:
-    return ["--model", str(model), "--data", str(data), "--out-dir", str(out), "--prompts-per-step", "4",
-            "--group-size", "8", "--max-new-tokens", "8", "--micro-batch", "32", "--beta", "0", *map(str, extra)]
-
-
-def metrics(out) -> list[dict]:
-    return common.read_jsonl(Path(out) / "metrics.jsonl")
 
 
 def weights(ckpt: Path) -> dict:
@@ -117,22 +73,26 @@ def test_wm_task_with_rwml_reward_writes_loadable_checkpoint(tmp_path, triples):
     assert not torch.equal(base.state_dict()["model.norm.weight"], trained["model.norm.weight"])
 
 
-def test_kill_and_resume_gives_the_uninterrupted_parameters(tmp_path, monkeypatch, triples):
-    args = ["--lr", "1e-2", "--max-steps", "4", "--save-every", "2", "--tis-cap", "2"]
+@pytest.mark.parametrize("lora", [[], ["--lora-rank", "4"]], ids=["full", "lora"])
+def test_kill_and_resume_gives_the_uninterrupted_parameters(tmp_path, monkeypatch, triples, lora):
+    """Killed mid-step 4 (step 3 logged, checkpoint at step 2), resumed: the parameters and the metrics rows of
+    the uninterrupted run (LoRA: resumed from the adapters beside the merged model)."""
+    args = ["--lr", "1e-2", "--max-steps", "4", "--save-every", "2", "--tis-cap", "2", *lora]
     toy_reward(monkeypatch)
     train_rwml.main(small("tiny", triples, tmp_path / "straight", *args))
 
     calls = []
 
-    def killed_at_step_3(samples, triples):
+    def killed_at_step_4(samples, triples):
         calls.append(1)
-        if len(calls) == 3:     # mid-step 3, after the step-2 checkpoint
+        if len(calls) == 4:     # mid-step 4: step 3 is in metrics.jsonl, the checkpoint is step 2's
             raise KeyboardInterrupt
         return half_vocab_reward(samples, triples)
-    toy_reward(monkeypatch, killed_at_step_3)
+    toy_reward(monkeypatch, killed_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         train_rwml.main(small("tiny", triples, tmp_path / "killed", *args))
     assert common.latest_checkpoint(tmp_path / "killed" / "ckpt").name == "step_000002"
+    assert [r["step"] for r in metrics(tmp_path / "killed")] == [1, 2, 3]
     toy_reward(monkeypatch)
     train_rwml.main(small("tiny", triples, tmp_path / "killed", *args, "--resume"))
 
@@ -140,10 +100,74 @@ def test_kill_and_resume_gives_the_uninterrupted_parameters(tmp_path, monkeypatc
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     base, _ = common.load_model("tiny")
-    assert not torch.equal(a["model.norm.weight"], base.state_dict()["model.norm.weight"])
+    q = "model.layers.0.self_attn.q_proj.weight"   # trained with and without LoRA
+    assert not torch.equal(a[q], base.state_dict()[q])
     assert [r["step"] for r in metrics(tmp_path / "killed")] == [1, 2, 3, 4]
     assert [r["reward_mean"] for r in metrics(tmp_path / "killed")] == [r["reward_mean"] for r in
                                                                         metrics(tmp_path / "straight")]
+    # a fresh run (no --resume) into a used out_dir starts its metrics anew
+    train_rwml.main(small("tiny", triples, tmp_path / "straight", *args, "--max-steps", "1"))
+    assert [r["step"] for r in metrics(tmp_path / "straight")] == [1]
+
+
+def test_lora_checkpoints_load_as_the_trained_model(tmp_path, monkeypatch, triples):
+    """Every LoRA checkpoint (and the run dir) loads, through common.load_model, as the base model with the
+    trained adapters merged (peft's own merge is the reference); a checkpoint written with peft's layer names
+    is refused with a message, never loaded with random q/k/v/o/gate/up/down weights."""
+    from peft import LoraConfig, get_peft_model
+    toy_reward(monkeypatch)
+    train_rwml.main(small("tiny", triples, tmp_path, "--max-steps", "2", "--save-every", "1", "--lr", "1e-2",
+                          "--lora-rank", "4", "--lora-alpha", "8", "--group-size", "4", "--max-new-tokens", "6"))
+    base, _ = common.load_model("tiny")
+    for name in ("ckpt/step_000001", "ckpt/step_000002", "."):
+        ckpt = common.latest_checkpoint(tmp_path / "ckpt") if name == "." else tmp_path / name
+        peft_lm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        missing, unexpected = peft_lm.get_base_model().load_state_dict(load_file(ckpt / common.ADAPTERS),
+                                                                       strict=False)
+        assert not unexpected and not [k for k in missing if "lora_" in k]
+        want = peft_lm.merge_and_unload().state_dict()
+        got = common.load_model(str(tmp_path / name))[0].state_dict()
+        assert max(float((want[k] - got[k]).abs().max()) for k in want) < 1e-6
+        assert not torch.equal(got["model.layers.0.self_attn.q_proj.weight"],
+                               base.state_dict()["model.layers.0.self_attn.q_proj.weight"])
+
+    old_style = tmp_path / "old_style"      # what a LoRA checkpoint used to be: peft names in model.safetensors
+    peft_lm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules="all-linear"))
+    peft_lm.get_base_model().save_pretrained(old_style)
+    assert "base_layer" in " ".join(load_file(old_style / "model.safetensors"))
+    with pytest.raises(ValueError, match="LoRA adapter-layer weights"):
+        common.load_model(str(old_style))
+
+
+def test_a_model_dir_with_missing_weights_is_refused(tmp_path):
+    lm, tok = common.load_model("tiny")
+    lm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    w = load_file(tmp_path / "model.safetensors")
+    del w["model.layers.1.mlp.down_proj.weight"]
+    save_file(w, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="model.layers.1.mlp.down_proj.weight"):
+        common.load_model(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, triples):
+    out = tmp_path_factory.mktemp("finished")
+    with pytest.MonkeyPatch.context() as mp:
+        toy_reward(mp)
+        train_rwml.main(small("tiny", triples, out, "--max-steps", "1", "--group-size", "2", "--max-new-tokens", "4"))
+    return out
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--max-prompt-tokens", "1000"), ("--tau-d", "0.3"), ("--tau-d-user", "0.3"), ("--embedder", "other"),
+    ("--reward-mode", "score"), ("--reward-max-tokens", "50"), ("--step-penalty", "0.2"), ("--clip-low", "0.3"),
+    ("--clip-high", "0.28"), ("--entropy-coef", "0.01"), ("--max-env-steps", "10"), ("--history", "5"),
+    ("--zero-var-std", "0.1"), ("--precision", "bf16"), ("--lora-alpha", "16"), ("--grad-clip", "0.5")])
+def test_resume_refuses_settings_that_change_the_objective_or_data(finished_run, triples, flag, value):
+    with pytest.raises(SystemExit, match=flag):
+        train_rwml.main(small("tiny", triples, finished_run, "--max-steps", "1", "--group-size", "2",
+                              "--max-new-tokens", "4", "--resume", flag, value))
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
@@ -156,9 +180,10 @@ def test_gradient_accumulation_does_not_change_the_update(tmp_path, monkeypatch,
     train_rwml.main(small("tiny", triples, tmp_path / "whole", *args, "--micro-batch", "16"))
     train_rwml.main(small("tiny", triples, tmp_path / "accum", *args, "--micro-batch", "2"))
     a, b = weights(tmp_path / "whole/ckpt/step_000002"), weights(tmp_path / "accum/ckpt/step_000002")
-    # summation order differs between 1 and 8 micro-batches; Adam magnifies it on near-zero gradients (seen:
-    # 1.2e-6), still 100x below one step's size (lr 1e-3), where a mis-scaled micro-batch would show
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    # summation order differs between 1 and 8 micro-batches; Adam's first steps turn it into updates of up to
+    # ~lr/10 on near-zero gradients (seen: 1.2e-6 and 9.1e-5, depending on the prompts), still below one step's
+    # size (lr 1e-3), where a mis-scaled micro-batch would show; the grad-norm check below is the exact one
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 2e-4
     for whole, accum in zip(metrics(tmp_path / "whole"), metrics(tmp_path / "accum")):
         assert whole["loss"] == pytest.approx(accum["loss"], abs=1e-6)
         assert whole["grad_norm"] == pytest.approx(accum["grad_norm"], rel=1e-4)   # Adam would hide a scale error
@@ -179,7 +204,7 @@ def test_ablation_settings_run(tmp_path, monkeypatch, triples, flags):
     if "--warmup-steps" in flags:
         assert [r["lr"] for r in rows] == pytest.approx([0.005, 0.01])
     if "--lora-rank" in flags:
-        assert final == tmp_path / "merged"
+        assert final == tmp_path / "ckpt" / "step_000002"
         model, _ = common.load_model(str(final))
         base, _ = common.load_model("tiny")
         changed = [n for n, p in model.named_parameters() if not torch.equal(p, base.state_dict()[n])]
@@ -233,6 +258,7 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch, triples, pe
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert two[1]["agree_max"] < 1e-4   # step 2 samples from the generation copy synced after step 1's update
     assert [r["reward_mean"] for r in one] == [r["reward_mean"] for r in two]   # identical samples
     assert [r["train_tokens"] for r in one] == [r["train_tokens"] for r in two]
     assert one[0]["loss"] == pytest.approx(two[0]["loss"], abs=1e-6)
