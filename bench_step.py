@@ -68,6 +68,20 @@ def write_triples(path: Path) -> Path:
     return path
 
 
+def alfworld_triples(n: int, data_dir: str | None = None, split: str = "train", steps: int = 3,
+                     history: int = 2) -> list[dict]:
+    """Real world-model triples: the first n games of the official ALFWorld `split` played along their gold
+    actions for `steps` steps; each game's last triple (it carries `history` turns of history, as collect.py's)."""
+    import rollout
+
+    def gold(messages_list, infos):
+        return [common.Sample([], [], f"<think></think><action>{i['gold']}</action>", [], True) for i in infos]
+    suite = rollout.make_suite("alfworld", split, data_dir=data_dir)
+    episodes = rollout.run_episodes(gold, suite, [(t, 0) for t in suite.task_ids[:n]], env="alfworld", split=split,
+                                    max_steps=steps, history=history, batch_size=n)
+    return [rollout.episode_triples(ep, history)[-1] for ep in episodes]
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
