@@ -299,7 +299,7 @@ def pack_shared(prompt_ids: list[list[int]], response_ids: list[list[list[int]]]
     -> ids, attn (bool [R, 1, L, L], True = may attend), pos [R, L], score (bool [R, L], the response tokens),
     index [S, T] (flat position in the [R, L] grid of each response token; sequences row-major, T = the longest
     response) and mask (bool [S, T]): logp.flatten()[index] is the per-sequence layout of pack_batch's responses."""
-    rows, segs, n_seq = [], [], sum(len(rs) for rs in response_ids)
+    rows, n_seq = [], sum(len(rs) for rs in response_ids)
     width_t = max(len(r) for rs in response_ids for r in rs)
     index = torch.zeros((n_seq, width_t), dtype=torch.long)
     mask = torch.zeros((n_seq, width_t), dtype=torch.bool)

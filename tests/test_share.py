@@ -8,12 +8,12 @@ import sys
 
 import pytest
 import torch
+from test_train import DRIVER, HALF_VOCAB, ROOT, metrics, small, toy_reward, weights, write_triples
 
 import bench_step
 import common
 import prompts
 import train_rwml
-from test_train import DRIVER, HALF_VOCAB, ROOT, metrics, small, toy_reward, weights, write_triples
 
 FIXTURES = ROOT / "tests" / "fixtures" / "alfworld"
 G = 8
@@ -101,8 +101,10 @@ def assert_same_update(model, seqs, lora, ckpt, micro_batch):
     for k in lp_a:
         for x, y in zip(lp_a[k], lp_b[k]):
             assert (x - y).abs().max() <= 1e-5 * x.abs().max().clamp(min=1.0), k
-    for key in ("loss", "grad_norm", "agree_mean", "agree_max", "entropy", "kl"):
+    for key in ("loss", "grad_norm", "agree_mean", "agree_max", "entropy"):
         assert st_b[key] == pytest.approx(st_a[key], rel=1e-5, abs=1e-7), key
+    # k2 KL = mean (logp - ref)^2 / 2 of small differences: 1e-6 in logp is ~1e-5 of it (seen on SmolLM2: 1.4e-5)
+    assert st_b["kl"] == pytest.approx(st_a["kl"], rel=1e-4)
     assert st_a["train_tokens"] == st_b["train_tokens"]
     worst = max(float((g_a[n] - g_b[n]).norm() / g_a[n].norm().clamp(min=1e-30)) for n in g_a)
     assert worst <= 1e-5, worst
@@ -123,7 +125,8 @@ def test_shared_update_equals_plain_tiny(wm_prompts, lora, ckpt, micro_batch):
 @pytest.mark.slow
 @pytest.mark.parametrize("lora_ckpt", [False, True], ids=["full", "lora+ckpt"])
 def test_shared_update_equals_plain_smollm2(wm_prompts, lora_ckpt):
-    assert_same_update("smollm2-135m", make_seqs(wm_prompts), lora_ckpt, lora_ckpt, 8)
+    """One prompt's group of 8 (about 3 min a case on one CPU core; the tiny cases cover several rows)."""
+    assert_same_update("smollm2-135m", make_seqs(wm_prompts[:1]), lora_ckpt, lora_ckpt, 8)
 
 
 def same_step(a: dict, b: dict) -> None:
