@@ -9,6 +9,12 @@ One step: G responses per prompt (wm) or G episodes per task (policy) from the g
 group advantages -> `ppo_epochs` optimizer steps of the clipped GRPO loss on the exact sampled token ids (prompt ids
 + response ids as sampled, never re-tokenized text; the loss mask covers the model's own tokens only).
 
+Shared prompts (--share-prompt, default): the G responses to one prompt train in one tree row that holds the prompt
+once (common.pack_shared: each response attends to the prompt and to itself, at its own positions), so the policy,
+reference, old-log-prob and entropy passes compute and backpropagate each prompt once per group, with the same
+numbers as --no-share-prompt (one prompt copy per response; tests/test_share.py). Policy steps share only exact
+duplicate prompts (a task's first steps); partly shared prompts stay rows of their own.
+
 old log-probs: the trainer's own log-probs under the pre-update weights, taken from the first epoch's forward pass
 (an epoch is one optimizer step with gradient accumulation, so that pass runs before any update); later epochs
 reuse them. The sampler's log-probs are used only by the agreement check and the --tis-cap weight.
@@ -446,17 +452,15 @@ def score_micro_batch(scorer, mb: dict, temperature: float, with_entropy: bool =
     """-> (logp, entropy or None) in the micro-batch's loss layout ([sequences, tokens], 0 off mb["mask"])."""
     if "index" not in mb:
         return scorer(mb["ids"], mb["attn"], mb["mask"], temperature, with_entropy=with_entropy)
-    attn = mb["attn"]
     impl = scorer.lm.config._attn_implementation
-    if impl == "eager":                  # eager attention adds its mask to the scores
-        attn = torch.zeros(attn.shape, device=attn.device).masked_fill(~attn, torch.finfo(torch.float32).min)
-    elif impl != "sdpa":
-        raise ValueError(f"--share-prompt needs sdpa or eager attention for its tree mask, the model uses {impl}; "
-                         f"use --no-share-prompt")
-    logp, ent = scorer(mb["ids"], attn, mb["score"], temperature, with_entropy=with_entropy, position_ids=mb["pos"])
-    def gather(x):
+    if impl != "sdpa":   # eager adds its mask as floats, flash-attn takes none: the bool tree mask is SDPA's
+        raise ValueError(f"--share-prompt needs sdpa attention for its tree mask; the model uses {impl}")
+    logp, ent = scorer(mb["ids"], mb["attn"], mb["score"], temperature, with_entropy=with_entropy,
+                       position_ids=mb["pos"])
+
+    def per_sequence(x):
         return torch.where(mb["mask"], x.flatten()[mb["index"]], 0.0)
-    return gather(logp), gather(ent) if ent is not None else None
+    return per_sequence(logp), per_sequence(ent) if ent is not None else None
 
 
 PAD_SEQ = {"prompt_ids": [0], "response_ids": [0], "logprobs": [0.0], "adv": 0.0}  # a rank with nothing to train
@@ -599,8 +603,8 @@ def main(argv: list[str] | None = None) -> Path:
     # dtype. A single CPU process generates with the trained model itself.
     compute_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
     lm, tokenizer = common.load_model(s.model, dtype=torch.float32, device=d.device)
-    if s.share_prompt and lm.config._attn_implementation == "flash_attention_2":
-        lm.set_attn_implementation("sdpa")   # the tree rows' 4-D mask (common.pack_shared): flash-attn takes none
+    if s.share_prompt and lm.config._attn_implementation != "sdpa":
+        lm.set_attn_implementation("sdpa")   # the tree rows' bool 4-D mask (common.pack_shared) is SDPA's
     ref_lm = copy.deepcopy(lm).to(compute_dtype).eval().requires_grad_(False) if s.beta > 0 else None
     if s.lora_rank:
         from peft import LoraConfig, get_peft_model
