@@ -320,8 +320,9 @@ def pack_shared(prompt_ids: list[list[int]], response_ids: list[list[list[int]]]
     seg_ids = torch.full((len(rows), width), -1, dtype=torch.long)   # -1: padding
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (row, seg, p) in enumerate(rows):
-        ids[i, :len(row)], seg_ids[i, :len(row)], pos[i, :len(row)] = torch.tensor(row), torch.tensor(seg), torch.tensor(p)
-    index += (torch.arange(len(rows)) * width).repeat_interleave(torch.tensor([len(rs) for rs in response_ids]))[:, None]
+        ids[i, :len(row)], seg_ids[i, :len(row)], pos[i, :len(row)] = map(torch.tensor, (row, seg, p))
+    row_start = (torch.arange(len(rows)) * width).repeat_interleave(torch.tensor([len(rs) for rs in response_ids]))
+    index += row_start[:, None]
     index[~mask] = 0
     q, k = seg_ids[:, :, None], seg_ids[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()

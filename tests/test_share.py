@@ -43,7 +43,8 @@ def make_seqs(prompt_ids: list[list[int]], singles: int = 0) -> list[dict]:
         for j in range(G):
             n = 1 if j == 0 else int(torch.randint(2, 41, (1,), generator=g))
             seqs.append({"prompt_ids": p, "response_ids": torch.randint(0, 49152, (n,), generator=g).tolist(),
-                         "logprobs": (-3 * torch.rand(n, generator=g)).tolist(), "adv": float(torch.randn(1, generator=g))})
+                         "logprobs": (-3 * torch.rand(n, generator=g)).tolist(),
+                         "adv": float(torch.randn(1, generator=g))})
     for k in range(singles):
         p = prompt_ids[k % len(prompt_ids)][:-(k + 2)]
         n = int(torch.randint(2, 20, (1,), generator=g))
