@@ -299,9 +299,11 @@ class TokenLogprobs(nn.Module):
         self.lm = lm
         self.logit_scale = head_logit_scale(lm)
 
-    def forward(self, input_ids, attention_mask, loss_mask, temperature: float = 1.0, with_entropy: bool = False):
+    def forward(self, input_ids, attention_mask, loss_mask, temperature: float = 1.0, with_entropy: bool = False,
+                position_ids=None):
+        """attention_mask: [B, L] padding mask, or a prepared 4-D one (pack_shared's tree rows) with position_ids."""
         from kernels import token_logprobs
-        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        pos = (attention_mask.cumsum(-1) - 1).clamp(min=0) if position_ids is None else position_ids
         hidden = self.lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
                                         position_ids=pos).last_hidden_state
         sel = loss_mask[:, 1:].bool()                                   # token t is predicted at position t-1
@@ -385,6 +387,50 @@ def pack_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], pad_i
         attn[b, :len(p) + len(r)] = 1
         loss[b, len(p):len(p) + len(r)] = True
     return ids.to(device), attn.to(device), loss.to(device)
+
+
+def pack_shared(prompt_ids: list[list[int]], response_ids: list[list[list[int]]], pad_id: int, device=None):
+    """Tree rows: row i holds prompt i once and all of its responses, so the prompt is computed once for them.
+    Row = prompt[:-1], then per response a segment [prompt[-1]] + response at positions len(prompt)-1, ...; a
+    segment attends to the shared part and causally to itself, so every token sees exactly the context (and the
+    position) it has in its own prompt + response sequence. The last prompt token is repeated in each segment so
+    that "hidden at t-1 predicts token t" holds inside every segment and TokenLogprobs needs only the positions.
+    -> ids, attn (bool [R, 1, L, L], True = may attend), pos [R, L], score (bool [R, L], the response tokens),
+    index [S, T] (flat position in the [R, L] grid of each response token; sequences row-major, T = the longest
+    response) and mask (bool [S, T]): logp.flatten()[index] is the per-sequence layout of pack_batch's responses."""
+    rows, n_seq = [], sum(len(rs) for rs in response_ids)
+    width_t = max(len(r) for rs in response_ids for r in rs)
+    index = torch.zeros((n_seq, width_t), dtype=torch.long)
+    mask = torch.zeros((n_seq, width_t), dtype=torch.bool)
+    s = 0
+    for p, rs in zip(prompt_ids, response_ids):
+        row, seg, pos = list(p[:-1]), [0] * (len(p) - 1), list(range(len(p) - 1))
+        for j, r in enumerate(rs):
+            start = len(row) + 1            # the response's first token, after the repeated last prompt token
+            index[s, :len(r)] = torch.arange(start, start + len(r))
+            mask[s, :len(r)] = True
+            row += [p[-1], *r]
+            seg += [j + 1] * (len(r) + 1)
+            pos += range(len(p) - 1, len(p) + len(r))
+            s += 1
+        rows.append((row, seg, pos))
+    width = max(len(row) for row, _, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    seg_ids = torch.full((len(rows), width), -1, dtype=torch.long)   # -1: padding
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, seg, p) in enumerate(rows):
+        ids[i, :len(row)], seg_ids[i, :len(row)], pos[i, :len(row)] = map(torch.tensor, (row, seg, p))
+    row_start = (torch.arange(len(rows)) * width).repeat_interleave(torch.tensor([len(rs) for rs in response_ids]))
+    index += row_start[:, None]
+    index[~mask] = 0
+    q, k = seg_ids[:, :, None], seg_ids[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    attn = causal & (q >= 0) & ((k == 0) | (k == q))
+    attn |= torch.eye(width, dtype=torch.bool)     # a padding query attends to itself: no all-masked row (NaN)
+    score = torch.zeros_like(seg_ids, dtype=torch.bool).flatten()
+    score[index[mask]] = True
+    return (ids.to(device), attn[:, None].to(device), pos.to(device), score.view_as(ids).to(device),
+            index.to(device), mask.to(device))
 
 
 @torch.no_grad()

@@ -9,6 +9,12 @@ One step: G responses per prompt (wm) or G episodes per task (policy) from the g
 group advantages -> `ppo_epochs` optimizer steps of the clipped GRPO loss on the exact sampled token ids (prompt ids
 + response ids as sampled, never re-tokenized text; the loss mask covers the model's own tokens only).
 
+Shared prompts (--share-prompt, default): the G responses to one prompt train in one tree row that holds the prompt
+once (common.pack_shared: each response attends to the prompt and to itself, at its own positions), so the policy,
+reference, old-log-prob and entropy passes compute and backpropagate each prompt once per group, with the same
+numbers as --no-share-prompt (one prompt copy per response; tests/test_share.py). Policy steps share only exact
+duplicate prompts (a task's first steps); partly shared prompts stay rows of their own.
+
 old log-probs: the trainer's own log-probs under the pre-update weights, taken from the first epoch's forward pass
 (an epoch is one optimizer step with gradient accumulation, so that pass runs before any update); later epochs
 reuse them. The sampler's log-probs are used only by the agreement check and the --tis-cap weight.
@@ -91,6 +97,8 @@ class Settings:
     grad_clip: float = common.flag(1.0, "max global grad norm (0 = off)")
     ppo_epochs: int = common.flag(1, "optimizer steps on each batch (> 1: the clip and old log-probs matter)")
     micro_batch: int = common.flag(8, "sequences per forward/backward (gradients accumulate over the whole batch)")
+    share_prompt: bool = common.flag(True, "compute each prompt once for all its sampled responses (tree rows, "
+                                           "common.pack_shared); --no-share-prompt: one prompt copy per response")
     optim: str = common.flag("adamw", "adamw8bit = bitsandbytes AdamW8bit", ["adamw", "adamw8bit"])
     precision: str | None = common.flag(None, "fp32 | bf16: compute (forward/backward, generation, reference) in "
                                         "bf16 over fp32 master weights; none = bf16 on CUDA, fp32 on CPU",
@@ -388,25 +396,80 @@ def gather(d: common.Dist, obj: dict) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------
 # One GRPO update on a batch of sequences
 
+def prompt_sets(seqs: list[dict], share: bool, most: int) -> list[list[dict]]:
+    """The units a micro-batch is filled with: sequences with the same prompt ids (a wm group's G responses; a
+    policy task's first steps) in sets of at most `most`, or one sequence each when not sharing. A set larger than
+    a micro-batch is split into sets that each carry the prompt: still exact, the prompt is computed once per set.
+    Policy steps after the first share only part of their prompt and stay sets of one."""
+    if not share:
+        return [[q] for q in seqs]
+    same: dict[tuple, list[dict]] = {}
+    for q in seqs:
+        same.setdefault(tuple(q["prompt_ids"]), []).append(q)
+    return [g[i:i + most] for g in same.values() for i in range(0, len(g), most)]
+
+
+def set_width(unit: list[dict], share: bool) -> int:
+    """Tokens of a unit's row: prompt + response, or pack_shared's prompt[:-1] + (1 + response) per member."""
+    if not share:
+        return len(unit[0]["prompt_ids"]) + len(unit[0]["response_ids"])
+    return len(unit[0]["prompt_ids"]) - 1 + sum(1 + len(q["response_ids"]) for q in unit)
+
+
 def micro_batches(seqs: list[dict], s: Settings, d: common.Dist, pad_id: int) -> list[dict]:
-    """seqs: {"prompt_ids", "response_ids", "logprobs" (sampler's), "adv"} -> packed micro-batches, longest first
-    (similar lengths share a batch). Every rank runs the same number of forward/backward passes (FSDP2 gathers
-    layers in them): a rank with fewer gets padding batches whose loss weight is 0."""
-    seqs = sorted(seqs, key=lambda q: -(len(q["prompt_ids"]) + len(q["response_ids"])))
-    groups = [seqs[i:i + s.micro_batch] for i in range(0, len(seqs), s.micro_batch)]
+    """seqs: {"prompt_ids", "response_ids", "logprobs" (sampler's), "adv"} -> packed micro-batches of at most
+    micro_batch sequences (a prompt set is never split across them), rows longest first (length bucketing: similar
+    lengths share a batch, little padding). Every rank runs the same number of forward/backward passes (FSDP2
+    gathers layers in them): a rank with fewer gets padding batches whose loss weight is 0.
+    The loss-side tensors ("mask", "rollout", "adv") have a row per sequence either way; with --share-prompt the
+    model-side ones are tree rows (common.pack_shared) and "index" maps their log-probs back to that layout."""
+    units = sorted(prompt_sets(seqs, s.share_prompt, s.micro_batch), key=lambda u: -set_width(u, s.share_prompt))
+    groups, size = [], s.micro_batch
+    for u in units:
+        if size + len(u) > s.micro_batch:
+            groups.append([])
+            size = 0
+        groups[-1].append(u)
+        size += len(u)
     n_max = int(all_max(d, len(groups))[0])
     out = []
     for k in range(n_max):
-        part = groups[k] if k < len(groups) else groups[0] if groups else [PAD_SEQ]
-        ids, attn, mask = common.pack_batch([q["prompt_ids"] for q in part], [q["response_ids"] for q in part],
-                                            pad_id, d.device)
+        part = groups[k] if k < len(groups) else groups[0] if groups else [[PAD_SEQ]]
+        flat = [q for u in part for q in u]
+        if s.share_prompt:
+            ids, attn, pos, score, index, mask = common.pack_shared(
+                [u[0]["prompt_ids"] for u in part], [[q["response_ids"] for q in u] for u in part], pad_id, d.device)
+            mb = {"ids": ids, "attn": attn, "pos": pos, "score": score, "index": index, "mask": mask}
+            starts = [0] * len(flat)            # the loss layout holds response tokens only
+        else:
+            ids, attn, mask = common.pack_batch([q["prompt_ids"] for q in flat], [q["response_ids"] for q in flat],
+                                                pad_id, d.device)
+            mb = {"ids": ids, "attn": attn, "mask": mask}
+            starts = [len(q["prompt_ids"]) for q in flat]
         sampler_lp = torch.zeros(mask.shape, dtype=torch.float32)
-        for b, q in enumerate(part):
-            sampler_lp[b, len(q["prompt_ids"]):len(q["prompt_ids"]) + len(q["response_ids"])] = torch.tensor(q["logprobs"])
-        out.append({"ids": ids, "attn": attn, "mask": mask, "rollout": sampler_lp.to(d.device),
-                    "adv": torch.tensor([q["adv"] for q in part], dtype=torch.float32, device=d.device),
-                    "weight": float(k < len(groups))})
+        for b, (q, a) in enumerate(zip(flat, starts)):
+            sampler_lp[b, a:a + len(q["response_ids"])] = torch.tensor(q["logprobs"])
+        w = float(k < len(groups))
+        real = sum(set_width(u, s.share_prompt) for u in part)
+        mb.update(rollout=sampler_lp.to(d.device), weight=w, computed=ids.numel() * w, real=real * w,
+                  adv=torch.tensor([q["adv"] for q in flat], dtype=torch.float32, device=d.device))
+        out.append(mb)
     return out
+
+
+def score_micro_batch(scorer, mb: dict, temperature: float, with_entropy: bool = False):
+    """-> (logp, entropy or None) in the micro-batch's loss layout ([sequences, tokens], 0 off mb["mask"])."""
+    if "index" not in mb:
+        return scorer(mb["ids"], mb["attn"], mb["mask"], temperature, with_entropy=with_entropy)
+    impl = scorer.lm.config._attn_implementation
+    if impl != "sdpa":   # eager adds its mask as floats, flash-attn takes none: the bool tree mask is SDPA's
+        raise ValueError(f"--share-prompt needs sdpa attention for its tree mask; the model uses {impl}")
+    logp, ent = scorer(mb["ids"], mb["attn"], mb["score"], temperature, with_entropy=with_entropy,
+                       position_ids=mb["pos"])
+
+    def per_sequence(x):
+        return torch.where(mb["mask"], x.flatten()[mb["index"]], 0.0)
+    return per_sequence(logp), per_sequence(ent) if ent is not None else None
 
 
 PAD_SEQ = {"prompt_ids": [0], "response_ids": [0], "logprobs": [0.0], "adv": 0.0}  # a rank with nothing to train
@@ -426,13 +489,12 @@ def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, schedul
         loss_total = 0.0
         for mb in batches:
             mask = mb["mask"]
-            logp, ent = scorer(mb["ids"], mb["attn"], mask, s.temperature,
-                               with_entropy=epoch == 0 or s.entropy_coef > 0)
+            logp, ent = score_micro_batch(scorer, mb, s.temperature, with_entropy=epoch == 0 or s.entropy_coef > 0)
             if epoch == 0:
                 mb["old"] = logp.detach()
                 if ref_scorer is not None:
                     with torch.no_grad():
-                        mb["ref"] = ref_scorer(mb["ids"], mb["attn"], mask, s.temperature)[0]
+                        mb["ref"] = score_micro_batch(ref_scorer, mb, s.temperature)[0]
             w, tokens = mb["weight"], float(mask.sum()) * mb["weight"]
             if epoch == 0:  # before any update: does the trainer see what the sampler sampled?
                 diff = (mb["old"] - mb["rollout"]).abs()[mask]
@@ -478,9 +540,11 @@ def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, schedul
     totals = dict(zip(keys, all_sum(d, *(sums[k] for k in keys))))
     (agree_max,) = all_max(d, agree_max)
     n_updates = epochs_run * n_tok
+    computed, real = all_sum(d, sum(mb["computed"] for mb in batches), sum(mb["real"] for mb in batches))
     stats = {"loss": loss_total, "grad_norm": grad_norm, "nonfinite": nonfinite,
              "agree_mean": totals["agree"] / n_tok, "agree_max": agree_max, "entropy": totals["entropy"] / n_tok,
-             "train_seqs": int(n_seq), "train_tokens": int(n_tok),
+             "train_seqs": int(n_seq), "train_tokens": int(n_tok), "train_tokens_computed": int(computed),
+             "pad_frac": 1.0 - real / computed,
              **{k: totals[k] / n_updates for k in ("clip_frac_low", "clip_frac_high", "ratio_mean")}}
     if ref_scorer is not None:
         stats["kl"] = totals["kl"] / n_updates
@@ -548,6 +612,8 @@ def main(argv: list[str] | None = None) -> Path:
     # trains on (fp32: the model itself; bf16: its compute copy); under torchrun each rank has a full copy.
     compute_dtype = common.compute_dtype(s.precision, d)
     lm, tokenizer = common.load_model(s.model, dtype=torch.float32, device=d.device)
+    if s.share_prompt and lm.config._attn_implementation != "sdpa":
+        lm.set_attn_implementation("sdpa")   # the tree rows' bool 4-D mask (common.pack_shared) is SDPA's
     ref_lm = copy.deepcopy(lm).to(compute_dtype).eval().requires_grad_(False) if s.beta > 0 else None
     if s.lora_rank:
         from peft import LoraConfig, get_peft_model

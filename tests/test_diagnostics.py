@@ -65,8 +65,9 @@ def test_training_uses_the_sampled_ids_even_when_retokenizing_changes_them(tmp_p
 
     assert seen
     for ids, mask in seen:
-        for b in range(ids.shape[0]):
-            assert ids[b][mask[b]].tolist() == sampled      # the loss covers exactly the sampled tokens
+        for b in range(ids.shape[0]):   # a row: one sequence, or a prompt's responses back to back (--share-prompt)
+            scored = ids[b][mask[b]].tolist()
+            assert scored and scored == sampled * (len(scored) // len(sampled))   # exactly the sampled tokens
     assert row["agree_max"] < 1e-5                          # and the trainer scored the very same tokens
 
 
@@ -85,8 +86,8 @@ def test_a_wrong_trainer_temperature_is_detected(tmp_path, monkeypatch, capsys, 
     """The classic bug: temperature applied when sampling, forgotten in the trainer's log-probs."""
     forward = common.TokenLogprobs.forward
     monkeypatch.setattr(common.TokenLogprobs, "forward",
-                        lambda self, ids, attn, mask, temperature=1.0, with_entropy=False:
-                        forward(self, ids, attn, mask, 1.0, with_entropy))
+                        lambda self, ids, attn, mask, temperature=1.0, with_entropy=False, **kw:
+                        forward(self, ids, attn, mask, 1.0, with_entropy, **kw))
     toy_reward(monkeypatch)
     row = one_step(peaked_model, triples, tmp_path, "--temperature", 0.7, "--tis-cap", 2)
     assert row["agree_mean"] > S.agree_tol
