@@ -344,9 +344,10 @@ def wrap_for_training(lm, d: "Dist", compute_dtype: torch.dtype = torch.float32)
     return TokenLogprobs(compute)
 
 
-def compute_dtype(precision: str | None, d: "Dist") -> torch.dtype:
-    """--precision fp32 | bf16 -> the compute dtype; None = bf16 on CUDA, fp32 on CPU."""
-    precision = precision or ("bf16" if d.device.type == "cuda" else "fp32")
+def compute_dtype(precision: str | None, device=None) -> torch.dtype:
+    """--precision fp32 | bf16 -> the compute dtype; None = bf16 on CUDA, fp32 on CPU (load_model's default)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = precision or ("bf16" if device.type == "cuda" else "fp32")
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
@@ -641,6 +642,12 @@ def check_resume(settings, out_dir, keys: tuple[str, ...]) -> None:
     if changed:
         raise SystemExit(f"{out_dir} holds a run with other settings ({'; '.join(changed)}): "
                          "use another --out-dir or delete it")
+
+
+def sample_rows(rows: list, n: int | None, seed: int) -> list:
+    """A seeded random sample of n rows in file order (all when n is None): the first N rows of a triples file
+    come from a few episodes of a few games, a sample spreads over all of them."""
+    return [rows[i] for i in pick_tasks(list(range(len(rows))), n, seed)]
 
 
 def pick_tasks(task_ids: list[str], n_tasks: int | None, seed: int) -> list[str]:

@@ -42,8 +42,9 @@ from pathlib import Path
 
 import torch
 
-from common import (_resolve, append_jsonl, chat_ids, check_resume, generate, load_model, parse_settings, pick_tasks,
-                    read_jsonl, read_jsonl_resumable, save_config, seed_everything, sequence_logprobs, write_jsonl)
+from common import (_resolve, append_jsonl, chat_ids, check_resume, compute_dtype, generate, load_model, parse_settings,
+                    pick_tasks, read_jsonl, read_jsonl_resumable, sample_rows, save_config, seed_everything,
+                    sequence_logprobs, write_jsonl)
 
 PROBE = Path(__file__).resolve().parent / "data" / "general_probe.jsonl"
 
@@ -81,6 +82,8 @@ class Settings:
     top_p: float = 1.0
     max_new_tokens: int = field(default=512, metadata={"help": "response length cap (paper: 512)"})
     batch_size: int = 16
+    precision: str | None = field(default=None, metadata={"choices": ["fp32", "bf16"], "help": "generation and "
+                                                          "scoring dtype; none = bf16 on CUDA, fp32 on CPU"})
     # wm
     triples: str = field(default="", metadata={"help": "held-out triples JSONL (collect.py's triples_val.jsonl)"})
     n_triples: int | None = field(default=None, metadata={"help": "a seeded random sample of this many triples "
@@ -119,6 +122,11 @@ class Settings:
     curves: str = field(default="", metadata={"help": "name=run_dir_or_metrics.jsonl,... : training curves to plot"})
     stages: str = field(default="", metadata={"help": "the pipeline's out dir: its */DONE files (run.sh writes '<N> "
                                                       "s') give the stage times"})
+
+
+def eval_model(s: Settings, name: str):
+    """-> (model, tokenizer) in the --precision compute dtype."""
+    return load_model(name, dtype=compute_dtype(s.precision))
 
 
 def write_json(path: Path, obj) -> None:
@@ -251,7 +259,7 @@ def evaluate_agent(s: Settings, lm=None) -> dict:
     todo = [job for job in jobs if job not in done or "error" in done[job]]
     print(f"agent eval {s.model} on {s.env}/{s.split}: {len(jobs)} episodes, {len(jobs) - len(todo)} already done")
     if todo:
-        model, tok = (lm or (lambda: load_model(s.model)))()
+        model, tok = (lm or (lambda: eval_model(s, s.model)))()
         gen = torch.Generator(device=next(model.parameters()).device).manual_seed(s.seed)
         act = model_actor(model, tok, s.temperature, s.max_new_tokens, s.top_p, generator=gen)
         bar = tqdm(total=len(todo), desc=f"eval {s.env}/{s.split}", dynamic_ncols=True)
@@ -289,7 +297,7 @@ def evaluate_agent(s: Settings, lm=None) -> dict:
 TRIPLE_KEYS = ("id", "env", "instruction", "history", "state", "action", "next_state", "next_kind")
 # what a finished wm evaluation must share with a rerun to be reused
 WM_KEYS = ("model", "triples", "n_triples", "seed", "temperature", "top_p", "max_new_tokens", "embedder", "tau_d",
-           "tau_d_user", "max_state_tokens", "wm_prompt", "embed_instruction")
+           "tau_d_user", "max_state_tokens", "wm_prompt", "embed_instruction", "precision")
 
 
 def wm_stats(rows: list[dict]) -> dict:
@@ -306,12 +314,6 @@ def wm_results(rows: list[dict]) -> dict:
     def by(key: str) -> dict:
         return {k: wm_stats([r for r in rows if r[key] == k]) for k in sorted({r[key] for r in rows})}
     return {**wm_stats(rows), "by_env": by("env"), "by_next_kind": by("next_kind")}
-
-
-def sample_triples(triples: list[dict], n: int | None, seed: int) -> list[dict]:
-    """A seeded random sample of n triples in file order (all when n is None): the first N rows of a triples file
-    come from a few episodes of a few games, a sample spreads over all of them."""
-    return [triples[i] for i in pick_tasks(list(range(len(triples))), n, seed)]
 
 
 def make_reward(s: Settings):
@@ -333,8 +335,8 @@ def evaluate_wm(s: Settings, lm=None, reward=None) -> dict:
         return done
     out = Path(s.out_dir)
     save_config(s, out)
-    triples = sample_triples(read_jsonl(s.triples, required=TRIPLE_KEYS), s.n_triples, s.seed)
-    model, tok = (lm or (lambda: load_model(s.model)))()
+    triples = sample_rows(read_jsonl(s.triples, required=TRIPLE_KEYS), s.n_triples, s.seed)
+    model, tok = (lm or (lambda: eval_model(s, s.model)))()
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(s.seed)
     t0 = time.perf_counter()
     samples = generate(model, tok, [chat_ids(tok, wm_messages(t, s.wm_prompt)) for t in triples], s.max_new_tokens,
@@ -361,7 +363,7 @@ def evaluate_wm(s: Settings, lm=None, reward=None) -> dict:
 # Forgetting in miniature: how well each model still answers a fixed set of general questions
 
 PROBE_KEYS = ("id", "prompt", "answer", "accept")
-FORGETTING_KEYS = ("model", "probe", "probe_max_new_tokens")
+FORGETTING_KEYS = ("model", "probe", "probe_max_new_tokens", "precision")
 
 
 def contains_answer(response: str, accept: list[str]) -> bool:
@@ -402,7 +404,7 @@ def evaluate_forgetting(s: Settings, lm=None) -> dict:
     for n, q in enumerate(probe, 1):
         if not (isinstance(q["accept"], list) and q["accept"] and all(isinstance(a, str) and a for a in q["accept"])):
             raise ValueError(f"{s.probe}:{n}: accept must be a non-empty list of non-empty strings")
-    model, tok = (lm or (lambda: load_model(s.model)))()
+    model, tok = (lm or (lambda: eval_model(s, s.model)))()
     rows = probe_rows(model, tok, probe, s.probe_max_new_tokens, s.batch_size)
     write_jsonl(out / "answers.jsonl", rows)
     results = {"what": "forgetting", "model": s.model, "probe": s.probe, **forgetting_results(rows)}
@@ -533,7 +535,7 @@ def evaluate_arms(s: Settings) -> dict[str, dict]:
     base_weights = functools.cache(lambda: model_weights(base))
     results = {}
     for name, model in arms:
-        lm = functools.cache(lambda model=model: load_model(model))
+        lm = functools.cache(lambda model=model: eval_model(s, model))
 
         def sub(what: str, folder: str, **kw) -> Settings:
             return dataclasses.replace(s, what=what, model=model, out_dir=str(out / name / folder), **kw)

@@ -159,7 +159,7 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
                          f"x {d.world} rank(s)")
     # fp32 master weights (in bf16 an lr-2e-6 AdamW update is below the rounding step of most weights); forward and
     # backward in the --precision dtype (common.wrap_for_training: one recipe for one process and FSDP2)
-    compute_dtype = common.compute_dtype(s.precision, d)
+    compute_dtype = common.compute_dtype(s.precision, d.device)
     lm, tok = common.load_model(s.model, dtype=torch.float32, device=d.device)
     examples = sft_examples(tok, triples, s.max_prompt_tokens, s.sft_prompt)
     if s.format_episodes:
@@ -229,7 +229,7 @@ def score(s: Settings, d: common.Dist, model_path: Path, triples: list[dict], pa
     common.print0(f"scoring {len(triples) - len(done)} triples ({len(done)} already scored) on {d.world} rank(s)")
     if not todo:
         return
-    model, tok = common.load_model(str(model_path), dtype=common.compute_dtype(s.precision, d), device=d.device)
+    model, tok = common.load_model(str(model_path), dtype=common.compute_dtype(s.precision, d.device), device=d.device)
     reward = WorldModelReward(s.embedder, tau_d=s.tau_d, tau_d_user=s.tau_d_user, max_tokens=s.reward_max_tokens,
                               embed_instruction=s.embed_instruction, device=str(d.device))
     prompt_ids = wm_prompts(tok, todo, s.max_prompt_tokens, s.sft_prompt)

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The whole RWML pipeline on the offline default (SmolLM2-135M-Instruct on the official ALFWorld games):
-#   collect -> filter (+ WM SFT baseline) -> RWML -> policy RL from base and from RWML -> evaluate all -> report
+# The whole RWML pipeline, one command: collect -> filter -> WM SFT | RWML -> policy RL from the start, WM SFT and
+# RWML -> evaluate every arm in one process -> report (report.md, curves.png, summary.json).
 # Usage: bash run.sh [--quick] [--model NAME] [--out DIR] [--launcher "torchrun --nproc_per_node 8"]
-#   --quick  a smoke-sized run (minutes on a 2-core CPU); without it, paper-sized settings (a GPU box).
-# Every stage writes DONE into its folder when it finishes and is skipped on a rerun; a stage that was killed
-# continues from its own resume state (collect/filter/evaluate skip finished rows, training resumes its checkpoint).
+#   --quick  the miniature for a 2-core CPU (SmolLM2-135M, ~20 minutes): every arm starts from a cold start that
+#            teaches the answer formats (see "The miniature" below); without it, the paper's settings (a GPU box).
+# Every stage writes DONE ("<seconds> s") into its folder when it finishes and is skipped on a rerun; a stage that
+# was killed continues from its own resume state (collect/filter/evaluate skip finished rows, training resumes its
+# checkpoint).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -34,26 +36,42 @@ if [ -z "${ALFWORLD_DATA:-}" ]; then
 fi
 
 if [ "$QUICK" = 1 ]; then
+  # ---- The miniature (edit here for an ablation) ------------------------------------------------------------
+  # Data: random admissible actions (--explore 1: no model needed, every transition valid). The train games are
+  # split by game: a third teaches the cold start, the rest train WM SFT and RWML. World-model accuracy is measured
+  # on games of another split (valid_unseen) that no stage trains on; the agent arms play TextWorld-Express coin,
+  # a game a small model wins sometimes, and the cold start's format examples come from its train seeds.
+  # Cold start = the filter model: a short SFT on the held-back third (the paper's filter model is an SFT on a
+  # disjoint 10%) plus format-only agent examples; every arm starts from it, and so does the "base" row.
   OUT=${OUT:-runs/quick}
-  COLLECT="--n-tasks 6 --rollouts 2 --max-steps 4 --max-new-tokens 64 --batch-size 12 --n-workers 2 --explore 0.5"
-  FILTER="--epochs 1 --k 2 --max-new-tokens 48 --micro-batch 2 --batch-size 2"
-  SFT="--epochs 1 --micro-batch 2 --batch-size 2"
-  RWML="--max-steps 3 --prompts-per-step 4 --group-size 4 --max-new-tokens 64 --micro-batch 8 --val-size 8 --val-every 3"
-  POLICY="--env alfworld --max-steps 2 --prompts-per-step 2 --group-size 2 --max-env-steps 4 --max-new-tokens 64"
-  EVAL="--n-tasks 3 --max-steps 6 --max-new-tokens 64 --batch-size 8"
-  WMEVAL="--n-triples 16 --max-new-tokens 64"
+  P="--precision bf16"
+  COLLECT="--env alfworld --split train --n-tasks 18 --rollouts 1 --max-steps 10 --explore 1 --val-split tasks \
+           --val-frac 0.34 --n-workers 2"
+  HELDOUT="--env alfworld --split valid_unseen --n-tasks 24 --rollouts 1 --max-steps 10 --explore 1 --val-frac 0 \
+           --n-workers 2"
+  FORMAT="--env twx --split train --task-type coin --n-tasks 8 --rollouts 1 --max-steps 6 --explore 1"
+  FILTER="--epochs 1 --lr 5e-5 --batch-size 8 --micro-batch 8 --sft-prompt rwml --k 4 --max-new-tokens 48 $P"
+  SFT="--epochs 1 --lr 1e-4 --batch-size 8 --micro-batch 8 --sft-prompt rwml $P"
+  RWML="--max-steps 8 --prompts-per-step 4 --group-size 16 --max-new-tokens 48 --micro-batch 32 --lr 3e-5 \
+        --val-size 64 --val-every 4 --save-every 100 $P"
+  POLICY="--env twx --task-type coin --max-steps 2 --prompts-per-step 2 --group-size 4 --max-env-steps 5 \
+          --max-new-tokens 24 --save-every 100 $P"
+  EVAL="--n-triples 200 --max-new-tokens 64 --env twx --task-type coin --agent-splits test --n-tasks 16 \
+        --max-steps 5 --batch-size 32 --greedy $P"
 else
+  # ---- The paper's setting (README "The paper's setting"; defaults follow the paper where it is explicit) -------
   OUT=${OUT:-runs/full}
-  COLLECT="--n-workers 8"                      # paper: 3 rollouts x every train task, 30 steps, T=1.0
-  FILTER=""                                    # paper: SFT on the val split, K=10, strict tau_d 0.1, keep p=0.1
-  SFT=""                                       # paper: 2 epochs, lr 2e-6, batch 32
-  RWML="--val-size 256"                        # paper: 32 prompts x G=8, lr 1e-6, beta 0.001, 2 epochs
-  POLICY="--env alfworld --max-steps 300 --env-workers 8"   # paper: 8 tasks x 8 episodes, 15 steps, 300 steps
-  EVAL="--max-steps 30 --n-workers 8"
-  WMEVAL=""
+  EMBED="--embedder Qwen/Qwen3-Embedding-8B"   # the paper's reward embedder (its thresholds were set on it)
+  COLLECT="--env alfworld --split train --n-tasks 2048 --n-workers 8"   # 3 rollouts, 30 steps, T=1.0, 90/10 triples
+  FILTER="$EMBED"             # SFT on the 10% val triples, K=10, strict tau_d 0.1, keep p=0.1
+  SFT=""                      # 2 epochs, lr 2e-6, batch 32, the paper's WM SFT prompt
+  RWML="--val-size 256 $EMBED"   # 32 prompts x G=8, lr 1e-6, beta 0.001, 2 epochs
+  POLICY="--env alfworld --max-steps 300 --env-workers 8"   # 8 tasks x 8 episodes, 15 steps, 300 steps
+  EVAL="--env alfworld --agent-splits valid_seen,valid_unseen --max-steps 30 --n-workers 8 $EMBED"
 fi
 mkdir -p "$OUT"
-C="$OUT/collect"; F="$OUT/filter"; S="$OUT/wm_sft"; R="$OUT/rwml"; P="$OUT/policy"; RP="$OUT/rwml_policy"; E="$OUT/eval"
+C="$OUT/collect"; H="$OUT/heldout"; T="$OUT/format"; F="$OUT/filter"; S="$OUT/wm_sft"; R="$OUT/rwml"
+E="$OUT/eval"
 
 stage() {  # stage NAME DIR CMD...: run CMD unless DIR/DONE exists
   local name=$1 dir=$2; shift 2
@@ -64,31 +82,38 @@ stage() {  # stage NAME DIR CMD...: run CMD unless DIR/DONE exists
 }
 resume_flag() { [ -f "$1/ckpt/latest" ] && echo --resume || true; }
 
-stage collect "$C" $LAUNCH collect.py --env alfworld --split train --model "$MODEL" --out-dir "$C" $COLLECT
+stage collect "$C" $LAUNCH collect.py --model "$MODEL" --out-dir "$C" $COLLECT
+if [ "$QUICK" = 1 ]; then
+  stage heldout "$H" python collect.py --model "$MODEL" --out-dir "$H" $HELDOUT
+  stage format "$T" python collect.py --model "$MODEL" --out-dir "$T" $FORMAT
+  WM_TRIPLES="$H/triples_train.jsonl"; START="$F"; FILTER="$FILTER --format-episodes $T/episodes.jsonl"
+  SFT_WM_PROMPT=rwml   # the miniature trains WM SFT on the RWML prompt too: the two arms differ only in the objective
+else
+  WM_TRIPLES="$C/triples_val.jsonl"; START="$MODEL"; SFT_WM_PROMPT=sft   # WM SFT learned the paper's SFT prompt
+fi
 stage filter "$F" $LAUNCH filter.py --model "$MODEL" --triples "$C/triples_train.jsonl" \
   --val-triples "$C/triples_val.jsonl" --out-dir "$F" $FILTER
-stage wm_sft "$S" $LAUNCH filter.py --sft-only --model "$MODEL" --triples "$F/filtered.jsonl" --out-dir "$S" $SFT
-stage rwml "$R" $LAUNCH train_rwml.py --task wm --model "$MODEL" --data "$F/filtered.jsonl" \
-  --val-data "$C/triples_val.jsonl" --out-dir "$R" $RWML $(resume_flag "$R")
-stage policy "$P" $LAUNCH train_rwml.py --task policy --model "$MODEL" --out-dir "$P" $POLICY $(resume_flag "$P")
-stage rwml_policy "$RP" $LAUNCH train_rwml.py --task policy --model "$R" --out-dir "$RP" $POLICY $(resume_flag "$RP")
-
-# Evaluate every checkpoint: ALFWorld valid_seen (ID) and valid_unseen (OOD), world-model accuracy, weight change.
-declare -A MODELS=([base]="$MODEL" [wm_sft]="$S" [rwml]="$R" [policy]="$P" [rwml_policy]="$RP")
-RUNS=""
-for name in base wm_sft rwml policy rwml_policy; do
-  m=${MODELS[$name]}
-  for split in valid_seen valid_unseen; do
-    stage "eval $name $split" "$E/$name/$split" python evaluate.py --what agent --model "$m" --env alfworld \
-      --split "$split" --out-dir "$E/$name/$split" $EVAL
-  done
-  stage "eval $name wm" "$E/$name/wm" python evaluate.py --what wm --model "$m" \
-    --triples "$C/triples_val.jsonl" --out-dir "$E/$name/wm" $WMEVAL
-  if [ "$name" != base ]; then
-    stage "eval $name weights" "$E/$name/weights" python evaluate.py --what weights --model "$m" --base "$MODEL" \
-      --out-dir "$E/$name/weights"
-  fi
-  RUNS="$RUNS${RUNS:+,}$name=$E/$name"
+stage wm_sft "$S" $LAUNCH filter.py --sft-only --model "$START" --triples "$F/filtered.jsonl" --out-dir "$S" $SFT
+stage rwml "$R" $LAUNCH train_rwml.py --task wm --model "$START" --data "$F/filtered.jsonl" \
+  --val-data "$WM_TRIPLES" --out-dir "$R" $RWML $(resume_flag "$R")
+# Policy RL from the start model, from WM SFT and from RWML (paper Table 1's last rows)
+declare -A FROM=([policy]="$START" [wm_sft_policy]="$S" [rwml_policy]="$R")
+for arm in policy wm_sft_policy rwml_policy; do
+  stage "$arm" "$OUT/$arm" $LAUNCH train_rwml.py --task policy --model "${FROM[$arm]}" --out-dir "$OUT/$arm" \
+    $POLICY $(resume_flag "$OUT/$arm")
 done
-python evaluate.py --what report --runs "$RUNS" --curves "rwml=$R,policy=$P,rwml_policy=$RP" --out-dir "$OUT/report"
+
+# Evaluation, one process per group of arms (each model and the reward embedder load once): world-model accuracy
+# on held-out triples for the world-model arms (with the prompt each was trained on), agent success for every arm,
+# weight change against the start model, the forgetting probe. Results land in $E/<arm>/.
+EVALS="wm,agent,weights,forgetting"
+stage eval_wm "$OUT/eval_wm" python evaluate.py --what arms --arms "base=$START,rwml=$R" --base "$START" \
+  --evals $EVALS --triples "$WM_TRIPLES" --out-dir "$E" $EVAL
+stage eval_wm_sft "$OUT/eval_wm_sft" python evaluate.py --what arms --arms "wm_sft=$S" --base "$START" \
+  --evals $EVALS --triples "$WM_TRIPLES" --wm-prompt "$SFT_WM_PROMPT" --out-dir "$E" $EVAL
+stage eval_policy "$OUT/eval_policy" python evaluate.py --what arms --base "$START" --evals agent,weights,forgetting \
+  --arms "policy=$OUT/policy,wm_sft_policy=$OUT/wm_sft_policy,rwml_policy=$OUT/rwml_policy" --out-dir "$E" $EVAL
+python evaluate.py --what report --runs "base=$E/base,wm_sft=$E/wm_sft,rwml=$E/rwml,policy=$E/policy,wm_sft_policy=$E/wm_sft_policy,rwml_policy=$E/rwml_policy" \
+  --curves "rwml=$R,policy=$OUT/policy,wm_sft_policy=$OUT/wm_sft_policy,rwml_policy=$OUT/rwml_policy" \
+  --stages "$OUT" --out-dir "$OUT/report"
 echo "report: $OUT/report/report.md"

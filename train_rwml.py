@@ -63,12 +63,14 @@ class Settings:
     data: str = common.flag("runs/filter/filtered.jsonl", "training triples JSONL (rows with kept=false are skipped)")
     val_data: str = common.flag("", "held-out triples: accuracy every --val-every steps ('' = none)")
     val_every: int = common.flag(10, "steps between held-out evaluations (and one at the end)")
-    val_size: int = common.flag(256, "held-out triples evaluated (0 = all)")
+    val_size: int = common.flag(256, "held-out triples evaluated: a seeded sample (0 = all)")
     val_temperature: float = common.flag(0.0, "held-out sampling temperature (0 = greedy)")
     max_prompt_tokens: int = common.flag(1500, "longer prompts are skipped when the data loads (counted), never truncated")
     # --task policy
     env: str = common.flag("alfworld", "policy env", ["alfworld", "twx", "tau2"])
     split: str = common.flag("train", "env split the policy trains on")
+    task_type: str | None = common.flag(None, "only tasks of this type (alfworld: e.g. pick_and_place_simple; twx: a "
+                                        "game, e.g. coin; tau2: a domain)")
     max_env_steps: int = common.flag(15, "steps per training episode (paper: 15)")
     history: int = common.flag(2, "past turns in the agent prompt (paper: 2 ALFWorld, 5 τ²)")
     win_reward: float = common.flag(10.0, "reward of the last step of a won episode (paper, verl-agent: 10)")
@@ -152,7 +154,7 @@ PAPER_DEFAULTS = {"wm": {"prompts_per_step": 32, "beta": 0.001, "entropy_coef": 
 TRIPLE_KEYS = ("id", "env", "instruction", "history", "state", "action", "next_state", "next_kind")
 # settings that define the run (its data, samples, objective or optimizer): --resume refuses to continue under
 # others (exact continuation)
-SAME_ON_RESUME = ("task", "model", "data", "max_prompt_tokens", "env", "split", "max_env_steps", "history",
+SAME_ON_RESUME = ("task", "model", "data", "max_prompt_tokens", "env", "split", "task_type", "max_env_steps", "history",
                   "win_reward", "step_penalty", "penalize", "user_model", "seed", "prompts_per_step", "group_size",
                   "temperature", "top_p", "max_new_tokens", "gen_chunk", "epochs", "max_steps", "lr", "lr_schedule",
                   "warmup_steps", "weight_decay", "grad_clip", "ppo_epochs", "optim", "precision", "lora_rank",
@@ -588,7 +590,7 @@ def main(argv: list[str] | None = None) -> Path:
         if getattr(s, k) is None:
             setattr(s, k, v)
     d = common.init_distributed()
-    s.precision = "bf16" if common.compute_dtype(s.precision, d) == torch.bfloat16 else "fp32"   # as config.json says
+    s.precision = "bf16" if common.compute_dtype(s.precision, d.device) == torch.bfloat16 else "fp32"   # as config.json says
     out = Path(s.out_dir)
     ckpt_root = out / "ckpt"
     P, G = s.prompts_per_step, s.group_size
@@ -610,7 +612,7 @@ def main(argv: list[str] | None = None) -> Path:
     # Models: fp32 master weights (lr 1e-6 updates vanish in bf16 weights); training, generation and reference
     # compute in the --precision dtype (common.wrap_for_training). One process generates with the weights it
     # trains on (fp32: the model itself; bf16: its compute copy); under torchrun each rank has a full copy.
-    compute_dtype = common.compute_dtype(s.precision, d)
+    compute_dtype = common.compute_dtype(s.precision, d.device)
     lm, tokenizer = common.load_model(s.model, dtype=torch.float32, device=d.device)
     if s.share_prompt and lm.config._attn_implementation != "sdpa":
         lm.set_attn_implementation("sdpa")   # the tree rows' bool 4-D mask (common.pack_shared) is SDPA's
@@ -634,11 +636,12 @@ def main(argv: list[str] | None = None) -> Path:
         n_items = len(rows)
         score = make_reward(s)
         val_rows, val_ids = load_wm_data(s.val_data, tokenizer, s.max_prompt_tokens) if s.val_data else ([], [])
-        if s.val_size:
-            val_rows, val_ids = val_rows[:s.val_size], val_ids[:s.val_size]
+        if s.val_size:   # a seeded sample: the first rows come from a few episodes of a few games
+            keep = common.sample_rows(list(range(len(val_rows))), s.val_size, s.seed)
+            val_rows, val_ids = [val_rows[i] for i in keep], [val_ids[i] for i in keep]
     else:
-        suite = rollout.make_suite(s.env, s.split, user_model=s.user_model or None, device=d.device,
-                                   n_workers=s.env_workers)
+        suite = rollout.make_suite(s.env, s.split, task_type=s.task_type, user_model=s.user_model or None,
+                                   device=d.device, n_workers=s.env_workers)
         n_items = len(suite.task_ids)
     total_steps = s.max_steps or int(s.epochs * n_items // P)
     if total_steps < 1:
