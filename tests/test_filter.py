@@ -264,3 +264,18 @@ def test_format_episodes_add_agent_format_examples_that_carry_only_the_action_ta
     out = tmp_path / "sft"
     filt.main(flags(data, out, "--sft-only", "--format-episodes", str(tmp_path / "twx" / "episodes.jsonl")))
     assert len(metrics(out, "sft")) == (12 + 9) // 4   # the WM triples and the agent examples together
+
+
+def test_sft_in_bf16_trains_the_fp32_master_weights(data, tmp_path):
+    """--precision bf16: forward/backward on a bf16 copy, AdamW on fp32 master weights that the checkpoint holds;
+    the copy follows every step (else the loss could not keep falling)."""
+    out = tmp_path / "bf16"
+    ckpt = filt.main(flags(data, out, "--sft-only", "--epochs", "4", "--lr", "3e-2", "--precision", "bf16"))
+    losses = [r["loss"] for r in metrics(out, "sft")]
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
+    tuned, _ = common.load_model(str(ckpt), dtype=torch.float32)
+    start, _ = common.load_model("tiny", dtype=torch.float32)
+    moved = [float((a - b).abs().max()) for a, b in zip(tuned.parameters(), start.parameters())]
+    # updates far below bf16's rounding step of the weights still land: the master weights are fp32
+    assert all(m > 0 for m in moved) and any(0 < (a - b).abs().min() < 1e-4 for a, b in
+                                            zip(tuned.parameters(), start.parameters()) if a.dim() == 2)
