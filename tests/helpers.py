@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -61,6 +62,25 @@ def half_vocab_reward(samples, triples):
 
 def toy_reward(monkeypatch, fn=half_vocab_reward):
     monkeypatch.setattr(train_rwml, "make_reward", lambda s: fn)
+
+
+def weights(ckpt: Path) -> dict:
+    return load_file(ckpt / "model.safetensors")
+
+
+# a torchrun driver: train_rwml.main with the half-vocabulary toy reward (format with root=, half=)
+DRIVER = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+import train_rwml
+
+def half_vocab_reward(samples, triples):
+    return torch.tensor([sum(t < {half} for t in x.response_ids) / len(x.response_ids) for x in samples])
+
+train_rwml.make_reward = lambda s: half_vocab_reward
+train_rwml.main(sys.argv[1:])
+"""
 
 
 def small(model, data, out, *extra) -> list[str]:

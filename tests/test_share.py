@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from test_train import DRIVER, HALF_VOCAB, ROOT, metrics, small, toy_reward, weights, write_triples
+from helpers import DRIVER, HALF_VOCAB, ROOT, metrics, small, toy_reward, weights, write_triples
 
 import bench_step
 import common
@@ -17,14 +17,6 @@ import train_rwml
 
 FIXTURES = ROOT / "tests" / "fixtures" / "alfworld"
 G = 8
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

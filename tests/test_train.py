@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import (
+    DRIVER,
     HALF_VOCAB,
     half_vocab_reward,
     metrics,
@@ -18,6 +19,7 @@ from helpers import (
     save_peaked_tiny,
     small,
     toy_reward,
+    weights,
     write_triples,
 )
 from safetensors.torch import load_file, save_file
@@ -36,10 +38,6 @@ def triples(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def peaked_model(tmp_path_factory) -> str:
     return save_peaked_tiny(tmp_path_factory.mktemp("peaked"))
-
-
-def weights(ckpt: Path) -> dict:
-    return load_file(ckpt / "model.safetensors")
 
 
 def test_mean_reward_rises(tmp_path, monkeypatch, triples, peaked_model):
@@ -225,20 +223,6 @@ def test_judge_score_reward_ablation(tmp_path, triples, monkeypatch):
     assert built == ["some-judge"] and metrics(tmp_path)[0]["reward_mean"] == pytest.approx(0.7)
     with pytest.raises(SystemExit, match="needs --judge-model"):
         train_rwml.main(small("tiny", triples, tmp_path / "x", "--max-steps", "1", "--reward-mode", "judge-binary"))
-
-
-DRIVER = """
-import sys
-sys.path.insert(0, {root!r})
-import torch
-import train_rwml
-
-def half_vocab_reward(samples, triples):
-    return torch.tensor([sum(t < {half} for t in x.response_ids) / len(x.response_ids) for x in samples])
-
-train_rwml.make_reward = lambda s: half_vocab_reward
-train_rwml.main(sys.argv[1:])
-"""
 
 
 @pytest.mark.slow
