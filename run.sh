@@ -2,7 +2,7 @@
 # The whole RWML pipeline, one command: collect -> filter -> WM SFT | RWML -> policy RL from the start, WM SFT and
 # RWML -> evaluate every arm in one process -> report (report.md, curves.png, summary.json).
 # Usage: bash run.sh [--quick] [--model NAME] [--out DIR] [--launcher "torchrun --nproc_per_node 8"]
-#   --quick  the miniature for a 2-core CPU (SmolLM2-135M, ~20 minutes): every arm starts from a cold start that
+#   --quick  the miniature for a 2-core CPU (SmolLM2-135M, ~30 minutes): every arm starts from a cold start that
 #            teaches the answer formats (see "The miniature" below); without it, the paper's settings (a GPU box).
 # Every stage writes DONE ("<seconds> s") into its folder when it finishes and is skipped on a rerun; a stage that
 # was killed continues from its own resume state (collect/filter/evaluate skip finished rows, training resumes its
