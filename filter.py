@@ -157,10 +157,7 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
     if s.batch_size % (s.micro_batch * d.world):
         raise ValueError(f"--batch-size {s.batch_size} must be a multiple of --micro-batch {s.micro_batch} "
                          f"x {d.world} rank(s)")
-    # fp32 master weights (in bf16 an lr-2e-6 AdamW update is below the rounding step of most weights); forward and
-    # backward in the --precision dtype (common.wrap_for_training: one recipe for one process and FSDP2)
-    compute_dtype = common.compute_dtype(s.precision, d.device)
-    lm, tok = common.load_model(s.model, dtype=torch.float32, device=d.device)
+    tok = common.load_tokenizer(s.model)
     examples = sft_examples(tok, triples, s.max_prompt_tokens, s.sft_prompt)
     if s.format_episodes:
         examples += format_examples(tok, s.format_episodes)
@@ -173,7 +170,10 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
         common.print0(f"SFT already done: {last}")
         return last
 
-    scorer = common.wrap_for_training(lm, d, compute_dtype)
+    # fp32 master weights (in bf16 an lr-2e-6 AdamW update is below the rounding step of most weights); forward and
+    # backward in the --precision dtype (common.wrap_for_training: one recipe for one process and FSDP2)
+    lm, _ = common.load_model(s.model, dtype=torch.float32, device=d.device)
+    scorer = common.wrap_for_training(lm, d, common.compute_dtype(s.precision, d.device))
     opt = torch.optim.AdamW(lm.parameters(), lr=s.lr, weight_decay=0.0)   # the fp32 master weights
     common.sync_after_steps(opt, scorer.lm, lm)
     start = common.load_checkpoint(last, lm, opt)["step"] if last is not None else 0
