@@ -123,6 +123,39 @@ def wm_sft_target(next_state: str) -> str:
     return f"<think> </think>\n<next_state> {next_state} </next_state>"
 
 
-def format_reply(action: str) -> str:
-    """An agent reply in the answer format with an empty thought (the cold start's format-only label)."""
-    return f"<think> </think>\n<action> {action} </action>"
+def format_reply(action: str, thought: str = "") -> str:
+    """An agent reply in the answer format: the action after a thought, empty by default (the label of the cold
+    start's format-only examples and of imitation learning; self-reflection puts its rationale there)."""
+    return f"<think> {thought + ' ' if thought else ''}</think>\n<action> {action} </action>"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Self-reflection (Early Experience's SR baseline, RWML Table 2): from an expert state, the model sees what the
+# expert action and a few alternative actions led to, and explains why the expert action is the better one.
+
+def reflection_messages(triple: dict, expert_action: str, expert_outcome: str,
+                        alternatives: list[tuple[str, str]]) -> list[dict]:
+    """The rationale prompt at the state of `triple` (an alternative-action triple: its instruction, history,
+    state and meta hold the expert state): the task and the situation as the agent saw it, then each action
+    with the observation it led to, the expert's first, then the request for a rationale alone."""
+    system = triple.get("meta", {}).get("system_prompt")
+    parts = [system or ENV_INTRO.get(triple["env"], ENV_INTRO["twx"]), f"Your task is to: {triple['instruction']}"]
+    if triple["history"]:
+        parts.append(f"Below are the most recent {len(triple['history'])} observations and the actions taken:\n"
+                     + _history_text(triple["history"]))
+    parts.append(f"Your current observation is: {triple['state']}")
+    tried = [(expert_action, expert_outcome)] + list(alternatives)
+    parts.append("Here is what each candidate action leads to:\n" + "\n".join(
+        f"- Action {a!r} -> observation: {o!r}" for a, o in tried))
+    parts.append(f"The expert chose {expert_action!r}. In a few sentences, explain why {expert_action!r} is a "
+                 "better step towards the task than the other actions, judging by what they lead to. Write only the "
+                 "explanation: no tags, no action.")
+    return [{"role": "user", "content": "\n".join(parts)}]
+
+
+def clean_rationale(text: str) -> str:
+    """The rationale as the thought of an SR example: cut at the first answer-format tag the model wrote (a tag
+    inside the thought would break the example's format), stripped; "" when nothing is left."""
+    cut = min((i for tag in ("<think>", "</think>", "<action>", "</action>") if (i := text.find(tag)) >= 0),
+              default=len(text))
+    return text[:cut].strip()

@@ -174,36 +174,50 @@ def wm_next_state(step: dict) -> tuple[str, dict]:
     return next_state, extra
 
 
-def episode_triples(episode: dict, history: int) -> list[dict]:
-    """RWML triples (paper §2.2, DESIGN.md): one per valid step that the env answered (τ² can end a conversation
-    with no reply, e.g. on the agent's `done` or at its step limit: nothing to predict), <last `history` turns,
-    state, action, next state>. Text games drop invalid actions (paper); τ² keeps a tool call it executed but
-    answered with an error (a real transition, and what teaches the model which calls fail), and drops only
-    replies it could not parse at all (step "executed" False). The history counts every earlier step, invalid
-    ones too: it is what the agent saw (τ² uses 5 turns, ALFWorld 2: collect.py's --history). id = task#rollout#t."""
-    steps = episode["steps"]
+def transition_triple(episode: dict, t: int, step: dict, history: int, suffix: str = "", meta: dict | None = None) -> dict:
+    """The triple of `step` taken at the state of episode step t: the state and the last `history` turns are the
+    episode's at t, the action and next state are the step's (the episode's own step t, or an alternative action
+    taken from the same state: collect.py --alternatives). id = task#rollout#t + suffix; meta adds to the meta."""
+    next_state, extra = wm_next_state(step)
     context = {k: episode[k] for k in EPISODE_INFO if k in episode}
-    triples = []
-    for t, step in enumerate(steps):
-        if not (step["valid"] or step.get("executed", False)) or not step["next_obs"]:
-            continue
-        next_state, extra = wm_next_state(step)
-        triples.append({
-            "id": f"{episode['task_id']}#{episode['rollout']}#{t}", "env": episode["env"],
-            "task_id": episode["task_id"], "instruction": episode["instruction"], "history": recent(steps, t, history),
-            "state": step["obs"], "action": step["action"], "next_state": next_state,
-            "next_kind": step.get("next_kind", "obs"),
-            "meta": {"split": episode["split"], "rollout": episode["rollout"], "t": t, "model": episode["model"],
-                     "reward": step["reward"], "done": step["done"], **context, **extra}})
-    return triples
-
-
-def format_examples(episode: dict, history: int) -> list[tuple[list[dict], str]]:
-    """(agent prompt, reply) for every valid step of a text-game episode: the prompt the agent saw, rebuilt from
-    the episode, and the action it took in the answer format with an empty thought. On episodes of random
-    admissible actions (collect.py --explore 1) these teach the format and nothing about the task (the
-    miniature's cold start, run.sh --quick)."""
     steps = episode["steps"]
-    return [(agent_messages(episode["instruction"], recent(steps, t, history), step["obs"], step["admissible"], t,
-                            episode["env"]), format_reply(step["action"]))
-            for t, step in enumerate(steps) if step["valid"] and step.get("admissible")]
+    return {
+        "id": f"{episode['task_id']}#{episode['rollout']}#{t}{suffix}", "env": episode["env"],
+        "task_id": episode["task_id"], "instruction": episode["instruction"], "history": recent(steps, t, history),
+        "state": steps[t]["obs"], "action": step["action"], "next_state": next_state,
+        "next_kind": step.get("next_kind", "obs"),
+        "meta": {"split": episode["split"], "rollout": episode["rollout"], "t": t, "model": episode["model"],
+                 "reward": step["reward"], "done": step["done"], **context, **extra, **(meta or {})}}
+
+
+def is_transition(step: dict) -> bool:
+    """A step that becomes a triple: text games keep valid actions only (paper); τ² keeps a tool call it executed
+    but answered with an error (a real transition, and what teaches the model which calls fail) and drops only
+    replies it could not parse at all (step "executed" False); a step the env did not answer (τ² can end a
+    conversation with no reply, e.g. on the agent's `done` or at its step limit) has nothing to predict."""
+    return bool((step["valid"] or step.get("executed", False)) and step["next_obs"])
+
+
+def episode_triples(episode: dict, history: int) -> list[dict]:
+    """RWML triples (paper §2.2, DESIGN.md): one per step that is_transition, <last `history` turns, state, action,
+    next state>. The history counts every earlier step, invalid ones too: it is what the agent saw (τ² uses 5
+    turns, ALFWorld 2: collect.py's --history). id = task#rollout#t."""
+    return [transition_triple(episode, t, step, history) for t, step in enumerate(episode["steps"])
+            if is_transition(step)]
+
+
+def step_messages(episode: dict, t: int, history: int) -> list[dict]:
+    """The agent prompt of episode step t, rebuilt from the episode: what the agent saw there (rollout's own
+    prompt: the admissible actions it was offered, τ²'s system prompt)."""
+    steps = episode["steps"]
+    return agent_messages(episode["instruction"], recent(steps, t, history), steps[t]["obs"],
+                          steps[t].get("admissible"), t, episode["env"], system=episode.get("system_prompt"))
+
+
+def agent_examples(episode: dict, history: int) -> list[tuple[list[dict], str]]:
+    """(agent prompt, reply) for every valid step: the prompt the agent saw and the action it took, in the answer
+    format with an empty thought. What they teach depends on who acted: on expert episodes (collect.py --policy
+    expert) they are imitation learning (Early Experience's IL); on episodes of random admissible actions
+    (collect.py --explore 1) the format and nothing about the task (the miniature's cold start, run.sh --quick)."""
+    return [(step_messages(episode, t, history), format_reply(step["action"]))
+            for t, step in enumerate(episode["steps"]) if step["valid"]]

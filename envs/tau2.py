@@ -280,7 +280,9 @@ class Tau2Env:
             tool = next((m for m in replies if isinstance(m, ToolMessage)), None)
             info["valid"] = tool is not None and not tool.error
             info["reply"] = tool.content if tool is not None else ""
-            if info["valid"] and self.gold_done < len(self.gold) and \
+            # a required call counts as made once τ² ran it, even when it answers with an error (some tasks
+            # intend that): else the gold hint would repeat it until the episode's error limit
+            if tool is not None and self.gold_done < len(self.gold) and \
                     self.gold[self.gold_done].compare_with_tool_call(message.tool_calls[0]):
                 self.gold_done += 1
         else:
@@ -300,7 +302,8 @@ class Tau2Env:
     # --- internals -------------------------------------------------------------------------------------------
 
     def _gold(self) -> str | None:
-        """The next required agent tool call not yet made (for tests and imitation), as an action string."""
+        """The next required agent tool call not yet made (for tests and imitation), as an action string; None once
+        all are made (collect.py's expert then ends the conversation with the `done` stop tool)."""
         if self.gold_done >= len(self.gold):
             return None
         a = self.gold[self.gold_done]

@@ -8,6 +8,7 @@ import pytest
 
 import collect
 from common import Sample, read_jsonl, save_config
+from prompts import parse_action
 from rollout import episode_triples, run_episodes
 
 FIXTURES = Path(__file__).parent / "fixtures" / "alfworld"
@@ -316,12 +317,122 @@ def test_triples_line_up_with_episodes_and_invalid_steps_are_dropped(tmp_path):
 
 @pytest.mark.parametrize("env,split,n_tasks", [("alfworld", "train", None), ("alfworld", "valid_unseen", None),
                                                ("twx", "dev", 6)])
-def test_scripted_expert_wins_every_episode(tmp_path, env, split, n_tasks):
-    s = settings(tmp_path, env=env, split=split, n_tasks=n_tasks, max_steps=50, batch_size=8)
-    stats = collect.main(s, act=expert)
+def test_expert_policy_wins_every_episode_without_a_model(tmp_path, env, split, n_tasks):
+    """--policy expert plays the env's gold actions (ALFWorld: the walkthrough) on the real games; no model loads."""
+    s = settings(tmp_path, env=env, split=split, n_tasks=n_tasks, max_steps=50, batch_size=8, policy="expert",
+                 model="no-such-model")
+    stats = collect.main(s)
     episodes, triples = check_outputs(s)
     assert stats["success_rate"] == 1.0 and stats["invalid_action_rate"] == 0.0
-    assert len(triples) == sum(e["n_steps"] for e in episodes)
+    assert len(triples) == sum(e["n_steps"] for e in episodes) and all(e["model"] == "expert" for e in episodes)
+    assert all(st["response"] == f"<think> </think>\n<action> {st['action']} </action>"
+               for e in episodes for st in e["steps"])
+
+
+def test_expert_without_gold_gives_up_and_on_tau2_ends_the_conversation():
+    infos = [{"gold": "go to desk 1"}, {"gold": None}]
+    text_game = [x.text for x in collect.expert_actor("alfworld")(["m", "m"], infos)]
+    assert [parse_action(x, ["go to desk 1"]) for x in text_game] == [("go to desk 1", True), ("", False)]
+    tau2 = [parse_action(x.text, None)[0] for x in collect.expert_actor("tau2")(["m", "m"], infos)]
+    assert tau2 == ["go to desk 1", '{"name": "done", "arguments": {}}']
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Branching: alternative actions from every expert state (IWM / SR data)
+
+def replay(suite, task_id: str, actions: list[str]) -> str:
+    """What a fresh env answers after these actions: the independent check of an alternative's next state."""
+    env = suite.make()
+    obs, _ = env.reset(task_id)
+    for a in actions:
+        obs = env.step(a)[0]
+    env.close()
+    return obs
+
+
+@pytest.mark.parametrize("env,split,task_type,max_steps", [
+    ("twx", "train", "cookingworld", 6),
+    pytest.param("alfworld", "train", "pick_and_place_simple", 3, marks=pytest.mark.slow)])  # ~3 s a game load
+def test_alternatives_are_real_transitions_from_the_expert_states(tmp_path, env, split, task_type, max_steps):
+    from envs import make_env
+    s = settings(tmp_path, env=env, split=split, task_type=task_type, n_tasks=2, max_steps=max_steps,
+                 policy="expert", alternatives=2, model="no-such-model")
+    stats = collect.main(s)
+    episodes, own = check_outputs(s)
+    out = Path(s.out_dir)
+    alt = read_jsonl(out / "triples_alt.jsonl", required=TRIPLE_KEYS)
+    own = {t["id"]: t for t in own}
+    by_state = {}
+    suite = make_env(env, split)
+    for t in alt:
+        state_id, _, j = t["id"].rpartition("#alt")
+        by_state.setdefault(state_id, []).append(t)
+        expert_step = own[state_id]
+        e = next(e for e in episodes if e["task_id"] == t["task_id"])
+        # the expert's state, history and instruction; another admissible action; the env's answer to it there
+        for key in ("task_id", "instruction", "history", "state", "env", "next_kind"):
+            assert t[key] == expert_step[key], key
+        assert t["action"] != expert_step["action"] and t["action"] in t["meta"]["admissible"]
+        assert t["meta"]["expert_action"] == expert_step["action"]
+        assert t["meta"]["expert_next_state"] == expert_step["next_state"]
+        prefix = [st["action"] for st in e["steps"][:t["meta"]["t"]]]
+        assert t["next_state"] == replay(suite, t["task_id"], prefix + [t["action"]])
+    # K distinct alternatives from every expert state
+    assert set(by_state) == set(own)
+    for state_id, rows in by_state.items():
+        assert len(rows) == 2 and len({r["action"] for r in rows}) == 2
+    branching = stats["branching"]
+    assert branching["alternatives"] == branching["triples_alt"] == len(alt) and branching["diverged"] == 0
+    assert branching["replayed_steps"] == sum(2 * t for e in episodes for t in range(e["n_steps"]))
+    # a rerun finds every episode branched and plays nothing
+    assert len(read_jsonl(out / "branches.jsonl")) == len(episodes)
+    collect.main(s)
+    assert read_jsonl(out / "triples_alt.jsonl") == alt
+
+
+class DriftingEnv(FakeEnv):
+    """A game that is not the same game when loaded again: its first observation changes with every reset."""
+    loads = 0
+
+    def reset(self, task_id):
+        DriftingEnv.loads += 1
+        obs, info = super().reset(task_id)
+        return f"{obs} (load {DriftingEnv.loads})", info
+
+
+class DriftingSuite(FakeSuite):
+    task_ids = ["n3"]
+
+    def make(self):
+        return DriftingEnv()
+
+
+def test_a_replay_that_does_not_reach_the_same_state_is_dropped(tmp_path, monkeypatch):
+    monkeypatch.setattr(collect, "make_suite", lambda *a, **kw: DriftingSuite())
+    s = settings(tmp_path, env="twx", split="train", policy="expert", alternatives=1, model="no-such-model")
+    stats = collect.main(s)
+    assert stats["success_rate"] == 1.0 and stats["branching"]["diverged"] == 3
+    assert read_jsonl(Path(s.out_dir) / "triples_alt.jsonl") == []
+
+
+def test_model_alternatives_are_distinct_admissible_and_not_the_expert_action(tmp_path, monkeypatch):
+    """--alternative-source model: the model's samples from the agent's prompt; a repeat, the expert's own action
+    and a non-admissible action are not played."""
+    asked = []
+
+    def model(messages_list, infos):
+        asked.append(messages_list)
+        k = len(messages_list) // 3
+        return [reply(a) for _ in range(k) for a in ("go", "wait", "fly")]  # go = the expert's (gold) action
+
+    monkeypatch.setattr(FakeSuite, "task_ids", ["n2"])
+    monkeypatch.setattr(collect, "make_suite", lambda *a, **kw: FakeSuite())
+    s = settings(tmp_path, env="twx", split="train", policy="expert", alternatives=3, alternative_source="model")
+    collect.main(s, act=model)
+    alt = read_jsonl(Path(s.out_dir) / "triples_alt.jsonl")
+    assert [(t["id"], t["action"]) for t in alt] == [("n2#0#0#alt0", "wait"), ("n2#0#1#alt0", "wait")]
+    # the prompt the model saw is the agent's prompt at that state
+    assert len(asked) == 1 and "n2 start" in asked[0][0][0]["content"] and "n2 t1" in asked[0][3][0]["content"]
 
 
 def test_a_killed_run_resumes_without_duplicates(tmp_path):
