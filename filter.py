@@ -9,6 +9,17 @@
     python filter.py --sft-only --triples runs/collect/triples_train.jsonl --out-dir runs/wm_sft
         the paper's WM SFT baseline: the same SFT on the training triples; the checkpoint is the product.
 
+Early Experience's baselines (RWML Table 2), on collect.py --policy expert --alternatives K data in runs/expert:
+    imitation learning:  filter.py --sft-only --triples "" --agent-episodes runs/expert/episodes.jsonl --out-dir runs/il
+    IWM, two runs:       filter.py --sft-only --triples runs/expert/triples_alt.jsonl --out-dir runs/iwm_wm
+                         filter.py --sft-only --model runs/iwm_wm --triples "" --agent-episodes
+                             runs/expert/episodes.jsonl --out-dir runs/iwm
+                         (next-state prediction on the alternative actions' outcomes, then imitation learning)
+    self-reflection:     filter.py --sft-only --triples "" --agent-episodes runs/expert/episodes.jsonl
+                             --reflections runs/expert/triples_alt.jsonl --out-dir runs/sr
+                         (--model writes a rationale per expert state first, out_dir/rationales/; the SFT trains on
+                         the rationale + expert action examples mixed with the imitation examples)
+
 The SFT label is "<think> </think>\\n<next_state> {s} </next_state>" + EOS, loss on the label tokens only; the prompt
 is the paper's WM SFT prompt (predict directly, prompts.wm_messages style "sft"; --sft-prompt rwml: the RWML one).
 Checkpoints go to out_dir/ckpt/step_N (common.load_model(path) loads one); a rerun resumes from the latest,
@@ -37,14 +48,21 @@ import rollout
 @dataclass
 class Settings:
     """WM SFT (the paper's baseline) and the "too easy" filter (RWML §2.2)."""
-    triples: str = common.flag("runs/collect/triples_train.jsonl", "training triples (rows with kept=false are skipped)")
+    triples: str = common.flag("runs/collect/triples_train.jsonl", "training triples (rows with kept=false are skipped); "
+                               "'' = none (--sft-only on agent examples alone, e.g. imitation learning)")
     val_triples: str = common.flag("runs/collect/triples_val.jsonl", "validation triples: the filter model's SFT data")
     out_dir: str = common.flag("runs/filter", "config.json, metrics.jsonl, ckpt/, scored/, filtered.jsonl, summary.json")
     model: str = common.flag("smollm2-135m", "base model: tiny | smollm2-135m | HF id | path")
     sft_only: bool = common.flag(False, "WM SFT baseline: SFT on --triples, save the checkpoint, stop")
-    format_episodes: str = common.flag("", "episodes.jsonl of text games: their valid steps add agent-format examples "
-                                       "(the prompt, the action taken) to the SFT; with random actions "
-                                       "(collect.py --explore 1) they teach the answer format, not the task")
+    agent_episodes: str = common.flag("", "episodes.jsonl: every valid step adds an agent example (the agent's prompt, "
+                                      "the action taken with an empty thought) to the SFT. Expert episodes "
+                                      "(collect.py --policy expert): imitation learning; random actions (collect.py "
+                                      "--explore 1): the answer format only, not the task")
+    history: int = common.flag(2, "past turns in the agent prompts of --agent-episodes (paper: 2 ALFWorld, 5 τ²)")
+    reflections: str = common.flag("", "alternative-action triples (collect.py --alternatives: triples_alt.jsonl): "
+                                   "self-reflection; per expert state --model writes why the expert action beats the "
+                                   "alternatives, given where each leads (--temperature, --max-new-tokens), and the "
+                                   "SFT adds (agent prompt -> rationale as the thought + expert action) examples")
     sft_prompt: str = common.flag("paper", "prompt of the SFT and the filter's predictions: paper = the WM SFT "
                                   "prompt (predict directly); rwml = the RWML reasoning prompt", ["paper", "rwml"])
     seed: int = common.flag(0, "data order, sampling and the keep coin")
@@ -61,7 +79,7 @@ class Settings:
     # stage 2: the filter (paper: K 10, temperature 1.0, strict tau_d 0.1 ALFWorld / 0.15 τ², p 0.1)
     k: int = common.flag(10, "predictions sampled per training triple")
     temperature: float = common.flag(1.0, "sampling temperature of the predictions")
-    max_new_tokens: int = common.flag(256, "max tokens per prediction")
+    max_new_tokens: int = common.flag(256, "max tokens per prediction (the filter's next states, SR's rationales)")
     triples_per_chunk: int = common.flag(8, "triples scored together; their rows are appended as one resumable unit")
     gen_batch_size: int = common.flag(32, "sequences per generate batch")
     embedder: str = common.flag("minilm", "reward embedder: minilm | a sentence-transformers id")
@@ -141,26 +159,107 @@ def checkpoint_step(path: Path) -> int:
 
 
 
-def format_examples(tokenizer, path: str) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, label ids) of the agent-format examples in an episodes.jsonl (rollout.format_examples)."""
-    pairs = [ex for e in common.read_jsonl(path, ("env", "instruction", "steps"))
-             for ex in rollout.format_examples(e, history=2)]
-    if not pairs:
-        raise SystemExit(f"--format-episodes {path}: no valid text-game steps with admissible actions")
+def reply_examples(tokenizer, pairs: list[tuple[list[dict], str]]) -> list[tuple[list[int], list[int]]]:
+    """(agent prompt messages, reply text) -> (prompt ids, label ids): the label is the reply + EOS, the tokens the
+    loss covers (common.pack_batch masks the prompt out)."""
     return [(common.chat_ids(tokenizer, m), tokenizer(reply, add_special_tokens=False)["input_ids"]
              + [tokenizer.eos_token_id]) for m, reply in pairs]
 
 
+def agent_examples(tokenizer, path: str, history: int) -> list[tuple[list[int], list[int]]]:
+    """The agent examples of an episodes.jsonl (rollout.agent_examples): imitation learning on expert episodes."""
+    pairs = [ex for e in common.read_jsonl(path, ("env", "instruction", "steps"))
+             for ex in rollout.agent_examples(e, history)]
+    if not pairs:
+        raise SystemExit(f"--agent-episodes {path}: no valid steps")
+    return reply_examples(tokenizer, pairs)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Self-reflection (Early Experience): rationales for the expert action, generated by the starting model
+
+def reflection_states(path: str) -> list[dict]:
+    """Alternative-action triples grouped by expert state -> [{"id" (task#rollout#t), "triple" (the first
+    alternative's, for the state), "expert_action", "expert_outcome", "alternatives": [(action, next state)]}]."""
+    rows = common.read_jsonl(path, TRIPLE_KEYS + ("meta",))
+    states: dict[str, dict] = {}
+    for n, t in enumerate(rows, 1):
+        meta = t["meta"]
+        if "expert_action" not in meta:
+            raise common.DataError(f"{path}:{n}: no meta.expert_action: not an alternative-action triple "
+                                   "(collect.py --alternatives writes them to triples_alt.jsonl)")
+        key = f"{t['task_id']}#{meta['rollout']}#{meta['t']}"
+        state = states.setdefault(key, {"id": key, "triple": t, "expert_action": meta["expert_action"],
+                                        "expert_outcome": meta["expert_next_state"], "alternatives": []})
+        state["alternatives"].append((t["action"], t["next_state"]))
+    if not states:
+        raise SystemExit(f"--reflections {path}: no alternative-action triples")
+    return list(states.values())
+
+
+def rationales(s: Settings, d: common.Dist, states: list[dict], parts: Path) -> dict[str, str]:
+    """{state id: raw rationale} of --model for every state; each rank writes its shard into
+    parts/rank{r}.jsonl chunk by chunk (a rerun skips what is there), then every rank reads them all."""
+    parts.mkdir(parents=True, exist_ok=True)
+    if d.main:  # repair torn last lines of a killed run once, before any rank reads
+        for p in sorted(parts.glob("rank*.jsonl")):
+            common.read_jsonl_resumable(p)
+    if d.world > 1:
+        dist.barrier()
+    done = {r["id"] for p in sorted(parts.glob("rank*.jsonl")) for r in common.read_jsonl(p)}
+    todo = [x for x in states[d.rank::d.world] if x["id"] not in done]
+    if todo:
+        common.print0(f"SR: writing rationales for {len(states) - len(done)} expert states with {s.model}")
+        model, tok = common.load_model(s.model, dtype=common.compute_dtype(s.precision, d.device), device=d.device)
+        for c0 in tqdm(range(0, len(todo), s.gen_batch_size), desc="rationales", disable=not d.main):
+            chunk = todo[c0:c0 + s.gen_batch_size]
+            gen = torch.Generator(d.device).manual_seed(int(unit_hash("rationale", s.seed, chunk[0]["id"]) * 2**62))
+            ids = [common.chat_ids(tok, prompts.reflection_messages(x["triple"], x["expert_action"],
+                                                                    x["expert_outcome"], x["alternatives"]))
+                   for x in chunk]
+            samples = common.generate(model, tok, ids, s.max_new_tokens, s.temperature, batch_size=s.gen_batch_size,
+                                      generator=gen)
+            common.append_jsonl(parts / f"rank{d.rank}.jsonl", [{"id": x["id"], "rationale": y.text,
+                                                                 "finished": y.finished}
+                                                                for x, y in zip(chunk, samples)])
+        del model
+    if d.world > 1:
+        dist.barrier()
+    return {r["id"]: r["rationale"] for p in sorted(parts.glob("rank*.jsonl")) for r in common.read_jsonl(p)}
+
+
+def reflection_examples(s: Settings, d: common.Dist, tokenizer, out_dir: Path,
+                        log: common.MetricsLogger) -> list[tuple[list[int], list[int]]]:
+    """SR examples: the agent's prompt at the expert state -> the rationale (cleaned: prompts.clean_rationale) as
+    the thought, then the expert action. A state whose rationale comes out empty gives no example."""
+    states = reflection_states(s.reflections)
+    written = rationales(s, d, states, out_dir / "rationales")
+    pairs = []
+    for x in states:
+        t, thought = x["triple"], prompts.clean_rationale(written[x["id"]])
+        if thought:
+            meta = t["meta"]
+            pairs.append((prompts.agent_messages(t["instruction"], t["history"], t["state"], meta.get("admissible"),
+                                                 meta["t"], t["env"], system=meta.get("system_prompt")),
+                          prompts.format_reply(x["expert_action"], thought)))
+    log.log({"stage": "reflections", "states": len(states), "examples": len(pairs)})
+    common.print0(f"SR: {len(pairs)} rationale examples from {len(states)} expert states "
+                  f"({len(states) - len(pairs)} empty rationales dropped)")
+    return reply_examples(tokenizer, pairs)
+
+
 def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: common.MetricsLogger) -> Path:
     """Train, resuming from ckpt_root's latest checkpoint; -> the final checkpoint dir (on every rank).
-    The examples: the triples' WM SFT pairs, then --format-episodes' agent-format pairs."""
+    The examples: the triples' WM SFT pairs, then --agent-episodes' agent pairs, then --reflections' SR pairs."""
     if s.batch_size % (s.micro_batch * d.world):
         raise ValueError(f"--batch-size {s.batch_size} must be a multiple of --micro-batch {s.micro_batch} "
                          f"x {d.world} rank(s)")
     tok = common.load_tokenizer(s.model)
     examples = sft_examples(tok, triples, s.max_prompt_tokens, s.sft_prompt)
-    if s.format_episodes:
-        examples += format_examples(tok, s.format_episodes)
+    if s.agent_episodes:
+        examples += agent_examples(tok, s.agent_episodes, s.history)
+    if s.reflections:
+        examples += reflection_examples(s, d, tok, ckpt_root.parent, log)
     if s.epochs and len(examples) < s.batch_size:
         raise ValueError(f"{len(examples)} SFT examples, fewer than --batch-size {s.batch_size}")
     steps_per_epoch = len(examples) // s.batch_size  # the last partial batch of each epoch is dropped
@@ -299,7 +398,11 @@ def main(argv: list[str] | None = None) -> dict | Path:
     log = common.MetricsLogger(out_dir / "metrics.jsonl", enabled=d.main)
     ckpt_root = out_dir / "ckpt"
     if s.sft_only:
-        return sft(s, d, load_triples(s.triples), ckpt_root, log)
+        if not (s.triples or s.agent_episodes or s.reflections):
+            raise SystemExit("--sft-only with --triples '' needs --agent-episodes or --reflections: nothing to train")
+        return sft(s, d, load_triples(s.triples) if s.triples else [], ckpt_root, log)
+    if not s.triples:
+        raise SystemExit("the filter scores --triples: give a triples file (or --sft-only to train without one)")
     train = load_triples(s.triples)  # read before the SFT: a bad file fails fast
     model_path = sft(s, d, load_triples(s.val_triples), ckpt_root, log)
     parts = out_dir / "scored"

@@ -243,7 +243,7 @@ def test_torchrun_two_ranks_match_one(filtered, data, tmp_path):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_format_episodes_add_agent_format_examples_that_carry_only_the_action_taken(data, tmp_path):
+def test_agent_episodes_add_agent_format_examples_that_carry_only_the_action_taken(data, tmp_path):
     import collect
     from prompts import parse_action
     # random admissible actions on TextWorld-Express, no model: the cold start's format-only data
@@ -252,7 +252,7 @@ def test_format_episodes_add_agent_format_examples_that_carry_only_the_action_ta
     collect.main(play)
     episodes = common.read_jsonl(tmp_path / "twx" / "episodes.jsonl")
     _, tok = common.load_model("tiny")
-    examples = filt.format_examples(tok, str(tmp_path / "twx" / "episodes.jsonl"))
+    examples = filt.agent_examples(tok, str(tmp_path / "twx" / "episodes.jsonl"), history=2)
     steps = [st for e in episodes for st in e["steps"]]
     assert len(examples) == len(steps) == 9
     for (prompt_ids, label_ids), step in zip(examples, steps):
@@ -262,7 +262,7 @@ def test_format_episodes_add_agent_format_examples_that_carry_only_the_action_ta
         assert parse_action(reply, step["admissible"]) == (step["action"], True)
         assert label_ids[-1] == tok.eos_token_id
     out = tmp_path / "sft"
-    filt.main(flags(data, out, "--sft-only", "--format-episodes", str(tmp_path / "twx" / "episodes.jsonl")))
+    filt.main(flags(data, out, "--sft-only", "--agent-episodes", str(tmp_path / "twx" / "episodes.jsonl")))
     assert len(metrics(out, "sft")) == (12 + 9) // 4   # the WM triples and the agent examples together
 
 
@@ -279,3 +279,160 @@ def test_sft_in_bf16_trains_the_fp32_master_weights(data, tmp_path):
     # updates far below bf16's rounding step of the weights still land: the master weights are fp32
     assert all(m > 0 for m in moved) and any(0 < (a - b).abs().min() < 1e-4 for a, b in
                                             zip(tuned.parameters(), start.parameters()) if a.dim() == 2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Early Experience's baselines: imitation learning, IWM (WM SFT on alternatives, then IL), self-reflection
+
+def expert_collect(tmp_path, name: str, split: str = "train", n_tasks: int = 6, alternatives: int = 0) -> Path:
+    """Expert episodes (the gold path) on TextWorld-Express cookingworld, no model: -> the collect out_dir."""
+    import collect
+    s = collect.Settings(env="twx", split=split, task_type="cookingworld", model="none", n_tasks=n_tasks, rollouts=1,
+                         max_steps=20, policy="expert", alternatives=alternatives, out_dir=str(tmp_path / name))
+    assert collect.main(s)["success_rate"] == 1.0
+    return tmp_path / name
+
+
+def test_il_examples_are_the_agents_prompt_and_the_loss_covers_only_the_expert_reply():
+    import rollout
+    from envs import make_env
+    seen = []
+
+    def expert(messages_list, infos):  # the gold action, recording the prompt the agent was given
+        seen.extend(messages_list)
+        return [common.Sample([], [], prompts.format_reply(i["gold"]), [], True) for i in infos]
+
+    suite = make_env("twx", "train", games=("cookingworld",))
+    episodes = rollout.run_episodes(expert, suite, [(t, 0) for t in suite.task_ids[:2]], env="twx", split="train",
+                                    batch_size=1, history=2)
+    tok = common.load_tokenizer("tiny")
+    pairs = [ex for e in episodes for ex in rollout.agent_examples(rollout.strip_samples(e), history=2)]
+    assert [m for m, _ in pairs] == seen  # the prompt the agent saw at every expert state
+    prompt_ids, label_ids = map(list, zip(*filt.reply_examples(tok, pairs)))
+    ids, attn, mask = common.pack_batch(prompt_ids, label_ids, tok.pad_token_id)
+    steps = [st for e in episodes for st in e["steps"]]
+    for b, step in enumerate(steps):
+        assert ids[b][mask[b]].tolist() == label_ids[b]     # the loss: the expert's reply + EOS, nothing else
+        assert tok.decode(label_ids[b]) == f"<think> </think>\n<action> {step['action']} </action>{tok.eos_token}"
+        assert ids[b][attn[b].bool() & ~mask[b]].tolist() == prompt_ids[b] == common.chat_ids(tok, seen[b])
+        assert mask[b].nonzero()[0].item() == len(prompt_ids[b])
+
+
+@pytest.mark.slow  # ~25 s on an idle 2-core box (two collects, 20 SFT steps, 176 sequences scored twice)
+def test_il_lowers_the_nll_of_expert_actions_on_held_out_states(tmp_path):
+    """A few IL steps on expert episodes of some games make the expert's action more likely on other games' states,
+    and more likely than the other admissible actions there (per-token NLL of the action's own words). Training on
+    random admissible actions (the cold start's format data) or on one fixed action lowers NLL too, by token
+    frequency alone, but does not put the expert's action ahead: hence the margin."""
+    import random
+    import rollout
+    train = expert_collect(tmp_path, "train", n_tasks=8)
+    held = expert_collect(tmp_path, "held", split="dev", n_tasks=4)
+    tok = common.load_tokenizer("tiny")
+    rng = random.Random(0)
+    expert_rows, other_rows = [], []   # (prompt ids, label ids): the expert's reply; 3 other admissible replies
+    for e in common.read_jsonl(held / "episodes.jsonl"):
+        for t, step in enumerate(e["steps"]):
+            others = rng.sample([a for a in step["admissible"] if a != step["action"]], 3)
+            pairs = filt.reply_examples(tok, [(rollout.step_messages(e, t, 2), prompts.format_reply(a))
+                                              for a in [step["action"], *others]])
+            expert_rows.append(pairs[0])
+            other_rows += pairs[1:]
+    n_prefix = len(tok("<think> </think>\n<action>", add_special_tokens=False)["input_ids"])
+
+    def action_nll(model, rows) -> float:  # the action's words: the reply minus its format tokens and EOS
+        logp = common.sequence_logprobs(model, *map(list, zip(*rows)), pad_id=tok.pad_token_id)
+        return sum(-x[n_prefix:-4].mean().item() for x in logp) / len(logp)
+
+    out = tmp_path / "il"
+    ckpt = filt.main(["--sft-only", "--triples", "", "--agent-episodes", str(train / "episodes.jsonl"), "--model",
+                      "tiny", "--lr", "3e-3", "--batch-size", "4", "--micro-batch", "4", "--epochs", "2",
+                      "--out-dir", str(out)])
+    start, tuned = common.load_model("tiny")[0], common.load_model(str(ckpt))[0]
+    before, after = action_nll(start, expert_rows), action_nll(tuned, expert_rows)
+    margin_before = action_nll(start, other_rows) - before
+    margin_after = action_nll(tuned, other_rows) - after
+    # measured: expert 10.80 -> 7.15 nats/token, margin -0.01 -> 1.46; trained on random admissible actions instead
+    # the margin fell to about -0.6, on "look around" alone it rose to about 0.2
+    assert after < 0.8 * before and margin_before < 0.1 and margin_after > 0.7, (before, after, margin_after)
+    n_train = len(filt.agent_examples(tok, str(train / "episodes.jsonl"), history=2))
+    assert len(metrics(out, "sft")) == 2 * (n_train // 4)   # the agent examples alone: no world-model triple
+
+
+def alternative_rows() -> list[dict]:
+    """Two expert states of one ALFWorld-like episode, two alternatives each (collect.py's triples_alt shape)."""
+    rows = []
+    for t, (state, expert, outcome) in enumerate([
+            (KITCHEN, "go to countertop 1", STEPS[0][3]),
+            (STEPS[0][3], "take mug 1 from countertop 1", STEPS[1][3])]):
+        history = [] if t == 0 else [{"obs": KITCHEN, "action": "go to countertop 1"}]
+        for j, (action, nxt) in enumerate([("go to fridge 1", "You arrive at fridge 1. The fridge 1 is closed."),
+                                           ("inventory", "You are not carrying anything.")]):
+            rows.append({"id": f"g#0#{t}#alt{j}", "env": "alfworld", "task_id": "g", "instruction": PUT_MUG,
+                         "history": history, "state": state, "action": action, "next_state": nxt, "next_kind": "obs",
+                         "meta": {"rollout": 0, "t": t, "alternative": j, "expert_action": expert,
+                                  "expert_next_state": outcome,
+                                  "admissible": ["go to countertop 1", "go to fridge 1", "inventory",
+                                                 "take mug 1 from countertop 1"]}})
+    return rows
+
+
+def test_sr_examples_hold_the_rationale_then_the_expert_action(tmp_path, monkeypatch):
+    path = tmp_path / "alt.jsonl"
+    common.write_jsonl(path, alternative_rows())
+    asked = []
+    written = {"go to countertop 1": "The mug is on the countertop; the fridge holds no mug. </think><action>x",
+               "take mug 1 from countertop 1": "<action>look</action>"}   # cleaned to nothing: no example
+
+    def fake_generate(model, tok, prompt_ids, *a, **kw):
+        texts = [tok.decode(p) for p in prompt_ids]
+        asked.extend(texts)
+        return [common.Sample(p, [], next(v for k, v in written.items() if f"The expert chose {k!r}" in text), [],
+                              True) for p, text in zip(prompt_ids, texts)]
+
+    monkeypatch.setattr(common, "generate", fake_generate)
+    s = filt.Settings(model="tiny", reflections=str(path), sft_only=True)
+    tok = common.load_tokenizer("tiny")
+    log = common.MetricsLogger(tmp_path / "metrics.jsonl")
+    (prompt, label), = filt.reflection_examples(s, common.init_distributed(), tok, tmp_path, log)
+    assert tok.decode(label) == ("<think> The mug is on the countertop; the fridge holds no mug. </think>\n"
+                                 f"<action> go to countertop 1 </action>{tok.eos_token}")
+    row = alternative_rows()[0]
+    assert prompt == common.chat_ids(tok, prompts.agent_messages(PUT_MUG, [], KITCHEN, row["meta"]["admissible"], 0,
+                                                                 "alfworld"))
+    # the rationale prompt shows every candidate with where it leads, the expert's first
+    assert len(asked) == 2
+    for action, outcome in [("go to countertop 1", STEPS[0][3]), ("go to fridge 1", "You arrive at fridge 1. The "
+                            "fridge 1 is closed."), ("inventory", "You are not carrying anything.")]:
+        assert f"Action {action!r} -> observation: {outcome!r}" in asked[0]
+    logged = common.read_jsonl(tmp_path / "metrics.jsonl")[-1]
+    assert (logged["stage"], logged["states"], logged["examples"]) == ("reflections", 2, 1)
+    # the rationales are kept: a rerun builds the same examples without generating
+    monkeypatch.setattr(common, "generate", None)
+    assert filt.reflection_examples(s, common.init_distributed(), tok, tmp_path, log) == [(prompt, label)]
+
+
+def test_sr_and_iwm_run_on_collected_alternatives(tmp_path):
+    """The whole chain on TextWorld-Express expert data with the tiny model: SR writes a rationale per expert state
+    and trains on them mixed with the IL examples; IWM's first stage is WM SFT on the alternatives' triples."""
+    data = expert_collect(tmp_path, "expert", n_tasks=3, alternatives=2)
+    alt = common.read_jsonl(data / "triples_alt.jsonl")
+    tok = common.load_tokenizer("tiny")
+    n_il = len(filt.agent_examples(tok, str(data / "episodes.jsonl"), history=2))
+    states = {(t["meta"]["rollout"], t["task_id"], t["meta"]["t"]) for t in alt}
+    assert len(alt) == 2 * len(states) == 2 * n_il   # every expert step is a state with 2 alternatives
+    sr = tmp_path / "sr"
+    common_flags = ["--model", "tiny", "--lr", "3e-3", "--batch-size", "4", "--micro-batch", "4", "--epochs", "1",
+                    "--max-new-tokens", "12"]
+    filt.main(["--sft-only", "--triples", "", "--agent-episodes", str(data / "episodes.jsonl"), "--reflections",
+               str(data / "triples_alt.jsonl"), "--out-dir", str(sr), *common_flags])
+    assert len(common.read_jsonl(sr / "rationales" / "rank0.jsonl")) == len(states)
+    n_sr = metrics(sr, "reflections")[0]["examples"]
+    assert 0 < n_sr <= len(states) and len(metrics(sr, "sft")) == (n_il + n_sr) // 4
+    iwm = tmp_path / "iwm_wm"
+    filt.main(["--sft-only", "--triples", str(data / "triples_alt.jsonl"), "--out-dir", str(iwm), *common_flags])
+    assert len(metrics(iwm, "sft")) == len(alt) // 4
+    with pytest.raises(SystemExit, match="nothing to train"):
+        filt.main(["--sft-only", "--triples", "", "--out-dir", str(tmp_path / "x")])
+    with pytest.raises(common.DataError, match="not an alternative-action triple"):
+        filt.reflection_states(str(data / "triples.jsonl"))

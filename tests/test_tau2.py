@@ -159,6 +159,24 @@ def test_agent_stop_tool_ends_and_scores(suite):
     assert done and reward == 1.0 and info["valid"] and info["termination"] == "agent_stop" and obs == ""
 
 
+def test_gold_hint_moves_past_a_required_call_answered_with_an_error():
+    """Some tasks require a call that τ² answers with an error. The expert (collect.py --policy expert) follows the
+    hint: it must move on once the call ran, not repeat it until the episode's error limit."""
+    task = make_suite("train", domain="retail").tasks[RETAIL_GOLD_ERROR]
+    required = [a for a in task.evaluation_criteria.actions if a.requestor == "assistant"]
+    env = make_suite("train", domain="retail", user_llm=lambda m: "Hello.").make()
+    obs, info = env.reset(RETAIL_GOLD_ERROR)
+    played, errors = [], 0
+    while info["gold"] is not None and len(played) <= len(required):
+        played.append(info["gold"])
+        obs, reward, done, info = env.step(info["gold"])
+        errors += obs.startswith("tool: Error")
+        assert not done
+    assert played == [call(a.name, a.arguments) for a in required] and errors == 1
+    obs, reward, done, info = env.step(call("done", {}))
+    assert done and info["termination"] == "agent_stop"
+
+
 def test_episode_limits():
     env = make_suite("train", domain="retail", user_llm=lambda m: "Hello.", max_steps=7).make()
     env.reset("retail/0")  # 1 step used: the user's opening (τ² does not count its own greeting)
