@@ -237,16 +237,16 @@ def propose(s: Settings, episode: dict, model_act) -> dict[int, list[tuple[str, 
     return picks
 
 
-def play_branches(pool: EnvPool, episode: dict, picks: dict[int, list[tuple[str, bool]]]) -> dict:
-    """Plays every alternative of one episode, one pool slot each (the pool's workers run them in parallel):
-    reset, replay steps 0..t-1, take the alternative. -> the episode's branches row: {"task_id", "rollout",
-    "alternatives": [{"t", "j", "step"}], "diverged", "errors", "replayed_steps", "wall_s"}; a step is shaped like
-    an episode step (obs = the episode's state at t)."""
+def play_branches(pool: EnvPool, episode: dict, picks: dict[int, list[tuple[str, bool]]], n_slots: int) -> dict:
+    """Plays every alternative of one episode: reset, replay steps 0..t-1, take the alternative; branch i in pool
+    slot i % n_slots (one slot per worker: they run in parallel, and each slot's env resets the same game over and
+    over). -> the episode's branches row: {"task_id", "rollout", "alternatives": [{"t", "j", "step"}], "diverged",
+    "errors", "replayed_steps", "wall_s"}; a step is shaped like an episode step (obs = the episode's state at t)."""
     steps = episode["steps"]
     branches = [(t, j, action, parsed) for t, alts in sorted(picks.items()) for j, (action, parsed) in enumerate(alts)]
     jobs, spans = [], []
-    for slot, (t, _, action, _) in enumerate(branches):
-        start = len(jobs)
+    for i, (t, _, action, _) in enumerate(branches):
+        start, slot = len(jobs), i % n_slots
         jobs += [("reset", slot, episode["task_id"])] + [("step", slot, st["action"]) for st in steps[:t]]
         jobs.append(("step", slot, action))
         spans.append((start, len(jobs)))
@@ -321,7 +321,7 @@ def branch(s: Settings, d, out: Path, suites: dict, model_act, metrics: MetricsL
             continue
         with EnvPool(suite, s.n_workers) as pool:
             for episode in mine:
-                row = play_branches(pool, episode, propose(s, episode, model_act))
+                row = play_branches(pool, episode, propose(s, episode, model_act), max(1, s.n_workers))
                 append_jsonl(part, [row])
                 bar.update(1)
                 metrics.log({"branched": f"{row['task_id']}#{row['rollout']}", **{k: v for k, v in row.items()

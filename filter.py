@@ -48,8 +48,8 @@ import rollout
 @dataclass
 class Settings:
     """WM SFT (the paper's baseline) and the "too easy" filter (RWML §2.2)."""
-    triples: str = common.flag("runs/collect/triples_train.jsonl", "training triples (rows with kept=false are skipped); "
-                               "'' = none (--sft-only on agent examples alone, e.g. imitation learning)")
+    triples: str = common.flag("runs/collect/triples_train.jsonl", "training triples (rows with kept=false are "
+                               "skipped); '' = none (--sft-only on agent examples alone, e.g. imitation learning)")
     val_triples: str = common.flag("runs/collect/triples_val.jsonl", "validation triples: the filter model's SFT data")
     out_dir: str = common.flag("runs/filter", "config.json, metrics.jsonl, ckpt/, scored/, filtered.jsonl, summary.json")
     model: str = common.flag("smollm2-135m", "base model: tiny | smollm2-135m | HF id | path")

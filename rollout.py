@@ -174,7 +174,8 @@ def wm_next_state(step: dict) -> tuple[str, dict]:
     return next_state, extra
 
 
-def transition_triple(episode: dict, t: int, step: dict, history: int, suffix: str = "", meta: dict | None = None) -> dict:
+def transition_triple(episode: dict, t: int, step: dict, history: int, suffix: str = "",
+                      meta: dict | None = None) -> dict:
     """The triple of `step` taken at the state of episode step t: the state and the last `history` turns are the
     episode's at t, the action and next state are the step's (the episode's own step t, or an alternative action
     taken from the same state: collect.py --alternatives). id = task#rollout#t + suffix; meta adds to the meta."""

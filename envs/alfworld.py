@@ -92,14 +92,19 @@ class AlfworldEnv:
 
     def __init__(self, games: Path, max_steps: int | None = None):
         self.games, self.max_steps = Path(games), max_steps
-        self.gym = None
+        self.gym, self.game = None, None
 
     def reset(self, task_id: str) -> tuple[str, dict]:
         path = self.games / task_id
         if not path.is_file():
             raise FileNotFoundError(f"ALFWorld game {path} not found (task id {task_id!r})")
-        self.close()
-        self.gym = TextworldGymEnv([str(path)], REQUEST_INFOS, wrappers=[AlfredDemangler(shuffle=False), AlfredInfos])
+        if self.gym is None or self.game != path:
+            # every new TextWorld env loads its own copy of fast-downward's library (~4 MB resident, never freed):
+            # resetting the same game again (replays: collect.py --alternatives) restarts the env it has
+            self.close()
+            self.gym = TextworldGymEnv([str(path)], REQUEST_INFOS,
+                                       wrappers=[AlfredDemangler(shuffle=False), AlfredInfos])
+            self.game = path
         raw, infos = self.gym.reset()
         text = raw.split("\n\n", 1)[-1]  # drop the banner
         obs, sep, instruction = text.rpartition("\n\n" + TASK_PREFIX)
