@@ -464,6 +464,10 @@ def test_a_killed_run_resumes_without_duplicates(tmp_path):
 def test_bad_settings_and_a_rerun_with_other_settings_are_clear_errors(tmp_path):
     with pytest.raises(SystemExit, match="--rollouts must be >= 1"):
         collect.main(settings(tmp_path, rollouts=0))
+    with pytest.raises(SystemExit, match="--explore with --policy expert"):
+        collect.main(settings(tmp_path, policy="expert", explore=0.5))
+    with pytest.raises(SystemExit, match="τ² has not: use --alternative-source model"):
+        collect.main(settings(tmp_path, env="tau2", policy="expert", alternatives=2))
     save_config(settings(tmp_path, max_steps=5), tmp_path / "out")
     with pytest.raises(SystemExit, match="--max-steps 5 -> 3"):
         collect.main(settings(tmp_path, env="twx", split="train"))
