@@ -53,7 +53,8 @@ class Settings:
     val_triples: str = common.flag("runs/collect/triples_val.jsonl", "validation triples: the filter model's SFT data")
     out_dir: str = common.flag("runs/filter", "config.json, metrics.jsonl, ckpt/, scored/, filtered.jsonl, summary.json")
     model: str = common.flag("smollm2-135m", "base model: tiny | smollm2-135m | HF id | path")
-    sft_only: bool = common.flag(False, "WM SFT baseline: SFT on --triples, save the checkpoint, stop")
+    sft_only: bool = common.flag(False, "SFT only, save the checkpoint, stop: the WM SFT baseline on --triples; IL, "
+                                 "IWM and SR with --agent-episodes / --reflections")
     agent_episodes: str = common.flag("", "episodes.jsonl: every valid step adds an agent example (the agent's prompt, "
                                       "the action taken with an empty thought) to the SFT. Expert episodes "
                                       "(collect.py --policy expert): imitation learning; random actions (collect.py "
