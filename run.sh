@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole RWML pipeline, one command: collect -> filter -> WM SFT | RWML -> policy RL from the start, WM SFT and
-# RWML -> evaluate every arm in one process -> report (report.md, curves.png, summary.json).
+# RWML; Early Experience's baselines (paper Table 2) from expert data: imitation learning, IWM, SR -> evaluate every
+# arm in one process -> report (report.md, curves.png, summary.json).
 # Usage: bash run.sh [--quick] [--model NAME] [--out DIR] [--launcher "torchrun --nproc_per_node 8"]
 #   --quick  the miniature for a 2-core CPU (SmolLM2-135M, ~30 minutes): every arm starts from a cold start that
 #            teaches the answer formats (see "The miniature" below); without it, the paper's settings (a GPU box).
@@ -58,6 +59,11 @@ if [ "$QUICK" = 1 ]; then
           --max-new-tokens 24 --save-every 100 $P"
   EVAL="--n-triples 200 --max-new-tokens 64 --env twx --task-type coin --agent-splits test --n-tasks 16 \
         --max-steps 5 --batch-size 32 --greedy $P"
+  # Early Experience: expert episodes on the game the agent arms play (coin's gold path), 3 random admissible
+  # alternatives from every expert state; IL / IWM / SR train like WM SFT ($SFT), SR's rationales are short
+  EXPERT="--env twx --split train --task-type coin --n-tasks 32 --rollouts 1 --max-steps 15 --policy expert \
+          --alternatives 3 --seed 1"
+  SR="--max-new-tokens 48"
 else
   # ---- The paper's setting (README "The paper's setting"; defaults follow the paper where it is explicit) -------
   OUT=${OUT:-runs/full}
@@ -68,10 +74,13 @@ else
   RWML="--val-size 256 $EMBED"   # 32 prompts x G=8, lr 1e-6, beta 0.001, 2 epochs
   POLICY="--env alfworld --max-steps 300 --env-workers 8"   # 8 tasks x 8 episodes, 15 steps, 300 steps
   EVAL="--env alfworld --agent-splits valid_seen,valid_unseen --max-steps 30 --n-workers 8 $EMBED"
+  EXPERT="--env alfworld --split train --n-tasks 2048 --rollouts 1 --max-steps 50 --policy expert --alternatives 3 \
+          --n-workers 8"   # the walkthrough (then alfworld's expert); 3 random admissible alternatives per state
+  SR=""                    # rationales: --model at temperature 1.0, up to 256 tokens
 fi
 mkdir -p "$OUT"
 C="$OUT/collect"; H="$OUT/heldout"; T="$OUT/format"; F="$OUT/filter"; S="$OUT/wm_sft"; R="$OUT/rwml"
-E="$OUT/eval"
+X="$OUT/expert"; E="$OUT/eval"
 
 stage() {  # stage NAME DIR CMD...: run CMD unless DIR/DONE exists
   local name=$1 dir=$2; shift 2
@@ -86,7 +95,7 @@ stage collect "$C" $LAUNCH collect.py --model "$MODEL" --out-dir "$C" $COLLECT
 if [ "$QUICK" = 1 ]; then
   stage heldout "$H" python collect.py --model "$MODEL" --out-dir "$H" $HELDOUT
   stage format "$T" python collect.py --model "$MODEL" --out-dir "$T" $FORMAT
-  WM_TRIPLES="$H/triples_train.jsonl"; START="$F"; FILTER="$FILTER --format-episodes $T/episodes.jsonl"
+  WM_TRIPLES="$H/triples_train.jsonl"; START="$F"; FILTER="$FILTER --agent-episodes $T/episodes.jsonl"
   SFT_WM_PROMPT=rwml   # the miniature trains WM SFT on the RWML prompt too: the two arms differ only in the objective
 else
   WM_TRIPLES="$C/triples_val.jsonl"; START="$MODEL"; SFT_WM_PROMPT=sft   # WM SFT learned the paper's SFT prompt
@@ -103,6 +112,18 @@ for arm in policy wm_sft_policy rwml_policy; do
     $POLICY $(resume_flag "$OUT/$arm")
 done
 
+# Early Experience's baselines, each from the start model: imitation learning on the expert's steps; IWM = WM SFT
+# on the alternatives' next states, then imitation learning; SR = rationales + expert action mixed with imitation
+stage expert "$X" python collect.py --model "$MODEL" --out-dir "$X" $EXPERT
+stage il "$OUT/il" $LAUNCH filter.py --sft-only --model "$START" --triples "" --agent-episodes "$X/episodes.jsonl" \
+  --out-dir "$OUT/il" $SFT
+stage iwm_wm "$OUT/iwm_wm" $LAUNCH filter.py --sft-only --model "$START" --triples "$X/triples_alt.jsonl" \
+  --out-dir "$OUT/iwm_wm" $SFT
+stage iwm "$OUT/iwm" $LAUNCH filter.py --sft-only --model "$OUT/iwm_wm" --triples "" \
+  --agent-episodes "$X/episodes.jsonl" --out-dir "$OUT/iwm" $SFT
+stage sr "$OUT/sr" $LAUNCH filter.py --sft-only --model "$START" --triples "" --agent-episodes "$X/episodes.jsonl" \
+  --reflections "$X/triples_alt.jsonl" --out-dir "$OUT/sr" $SFT $SR
+
 # Evaluation, one process per group of arms (each model and the reward embedder load once): world-model accuracy
 # on held-out triples for the world-model arms (with the prompt each was trained on), agent success for every arm,
 # weight change against the start model, the forgetting probe. Results land in $E/<arm>/.
@@ -113,7 +134,9 @@ stage eval_wm_sft "$OUT/eval_wm_sft" python evaluate.py --what arms --arms "wm_s
   --evals $EVALS --triples "$WM_TRIPLES" --wm-prompt "$SFT_WM_PROMPT" --out-dir "$E" $EVAL
 stage eval_policy "$OUT/eval_policy" python evaluate.py --what arms --base "$START" --evals agent,weights,forgetting \
   --arms "policy=$OUT/policy,wm_sft_policy=$OUT/wm_sft_policy,rwml_policy=$OUT/rwml_policy" --out-dir "$E" $EVAL
-python evaluate.py --what report --runs "base=$E/base,wm_sft=$E/wm_sft,rwml=$E/rwml,policy=$E/policy,wm_sft_policy=$E/wm_sft_policy,rwml_policy=$E/rwml_policy" \
+stage eval_ee "$OUT/eval_ee" python evaluate.py --what arms --base "$START" --evals agent,weights,forgetting \
+  --arms "il=$OUT/il,iwm=$OUT/iwm,sr=$OUT/sr" --out-dir "$E" $EVAL
+python evaluate.py --what report --runs "base=$E/base,wm_sft=$E/wm_sft,rwml=$E/rwml,policy=$E/policy,wm_sft_policy=$E/wm_sft_policy,rwml_policy=$E/rwml_policy,il=$E/il,iwm=$E/iwm,sr=$E/sr" \
   --curves "rwml=$R,policy=$OUT/policy,wm_sft_policy=$OUT/wm_sft_policy,rwml_policy=$OUT/rwml_policy" \
   --stages "$OUT" --out-dir "$OUT/report"
 echo "report: $OUT/report/report.md"

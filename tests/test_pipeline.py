@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ARMS = ("base", "wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy")
+ARMS = ("base", "wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy", "il", "iwm", "sr")
 STAGES = ("collect", "heldout", "format", "filter", "wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy",
-          "eval_wm", "eval_wm_sft", "eval_policy")
+          "expert", "il", "iwm_wm", "iwm", "sr", "eval_wm", "eval_wm_sft", "eval_policy", "eval_ee")
 
 
 @pytest.mark.slow
@@ -33,6 +33,12 @@ def test_quick_pipeline_writes_every_artifact_and_resumes(tmp_path):
     assert config["wm_sft"]["model"] == config["rwml"]["model"] == config["policy"]["model"] == str(out / "filter")
     assert config["rwml_policy"]["model"] == str(out / "rwml")
     assert config["wm_sft_policy"]["model"] == str(out / "wm_sft")
+    # Early Experience's arms: IL and SR from the cold start, IWM's imitation from its world-model stage
+    ee = {name: json.loads((out / name / "config.json").read_text()) for name in ("il", "iwm_wm", "iwm", "sr")}
+    assert ee["il"]["model"] == ee["iwm_wm"]["model"] == ee["sr"]["model"] == str(out / "filter")
+    assert ee["iwm"]["model"] == str(out / "iwm_wm")
+    assert ee["iwm_wm"]["triples"] == str(out / "expert/triples_alt.jsonl")
+    assert ee["sr"]["reflections"] == ee["iwm_wm"]["triples"] and (out / "sr/rationales/rank0.jsonl").exists()
     # held-out world-model triples come from games of another split than the training ones
     train_tasks = {json.loads(line)["task_id"] for line in (out / "collect/triples.jsonl").open()}
     held_tasks = {json.loads(line)["task_id"] for line in (out / "heldout/triples.jsonl").open()}
