@@ -496,6 +496,11 @@ class DataError(ValueError):
     """Bad input data; the message starts with file:line."""
 
 
+# The keys of a world-model triple row (rollout.episode_triples writes them; filter.py, train_rwml.py and
+# evaluate.py read them with read_jsonl(path, TRIPLE_KEYS)).
+TRIPLE_KEYS = ("id", "env", "instruction", "history", "state", "action", "next_state", "next_kind")
+
+
 def read_jsonl(path, required: tuple[str, ...] = ()) -> list[dict]:
     path = Path(path)
     if not path.exists():
@@ -653,6 +658,14 @@ def check_resume(settings, out_dir, keys: tuple[str, ...]) -> None:
     if changed:
         raise SystemExit(f"{out_dir} holds a run with other settings ({'; '.join(changed)}): "
                          "use another --out-dir or delete it")
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """A seeded shuffle of range(n) for one epoch (a str seed hashes stably across runs and processes)."""
+    order = list(range(n))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return tuple(order)
 
 
 def sample_rows(rows: list, n: int | None, seed: int) -> list:

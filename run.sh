@@ -45,11 +45,11 @@ if [ "$QUICK" = 1 ]; then
   # disjoint 10%) plus format-only agent examples; every arm starts from it, and so does the "base" row.
   OUT=${OUT:-runs/quick}
   P="--precision bf16"
-  COLLECT="--env alfworld --split train --n-tasks 18 --rollouts 1 --max-steps 10 --explore 1 --val-split tasks \
+  COLLECT="--env alfworld --split train --n-tasks 18 --rollouts 1 --max-env-steps 10 --explore 1 --val-split tasks \
            --val-frac 0.34 --n-workers 2"
-  HELDOUT="--env alfworld --split valid_unseen --n-tasks 24 --rollouts 1 --max-steps 10 --explore 1 --val-frac 0 \
+  HELDOUT="--env alfworld --split valid_unseen --n-tasks 24 --rollouts 1 --max-env-steps 10 --explore 1 --val-frac 0 \
            --n-workers 2"
-  FORMAT="--env twx --split train --task-type coin --n-tasks 8 --rollouts 1 --max-steps 6 --explore 1"
+  FORMAT="--env twx --split train --task-type coin --n-tasks 8 --rollouts 1 --max-env-steps 6 --explore 1"
   FILTER="--epochs 1 --lr 5e-5 --batch-size 8 --micro-batch 8 --sft-prompt rwml --k 4 --max-new-tokens 48 $P"
   SFT="--epochs 1 --lr 1e-4 --batch-size 8 --micro-batch 8 --sft-prompt rwml $P"
   RWML="--max-steps 8 --prompts-per-step 4 --group-size 16 --max-new-tokens 48 --micro-batch 32 --lr 3e-5 \
@@ -57,7 +57,7 @@ if [ "$QUICK" = 1 ]; then
   POLICY="--env twx --task-type coin --max-steps 2 --prompts-per-step 2 --group-size 4 --max-env-steps 5 \
           --max-new-tokens 24 --save-every 100 $P"
   EVAL="--n-triples 200 --max-new-tokens 64 --env twx --task-type coin --agent-splits test --n-tasks 16 \
-        --max-steps 5 --batch-size 32 --greedy $P"
+        --max-env-steps 5 --batch-size 32 --greedy $P"
 else
   # ---- The paper's setting (README "The paper's setting"; defaults follow the paper where it is explicit) -------
   OUT=${OUT:-runs/full}
@@ -67,7 +67,7 @@ else
   SFT=""                      # 2 epochs, lr 2e-6, batch 32, the paper's WM SFT prompt
   RWML="--val-size 256 $EMBED"   # 32 prompts x G=8, lr 1e-6, beta 0.001, 2 epochs
   POLICY="--env alfworld --max-steps 300 --env-workers 8"   # 8 tasks x 8 episodes, 15 steps, 300 steps
-  EVAL="--env alfworld --agent-splits valid_seen,valid_unseen --max-steps 30 --n-workers 8 $EMBED"
+  EVAL="--env alfworld --agent-splits valid_seen,valid_unseen --max-env-steps 30 --n-workers 8 $EMBED"
 fi
 mkdir -p "$OUT"
 C="$OUT/collect"; H="$OUT/heldout"; T="$OUT/format"; F="$OUT/filter"; S="$OUT/wm_sft"; R="$OUT/rwml"

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import copy
 import difflib
-import functools
 import math
-import random
 import re
 import time
 from collections import Counter
@@ -151,7 +149,6 @@ class Settings:
 
 PAPER_DEFAULTS = {"wm": {"prompts_per_step": 32, "beta": 0.001, "entropy_coef": 0.0},
                   "policy": {"prompts_per_step": 8, "beta": 0.01, "entropy_coef": 0.001}}
-TRIPLE_KEYS = ("id", "env", "instruction", "history", "state", "action", "next_state", "next_kind")
 # settings that define the run (its data, samples, objective or optimizer): --resume refuses to continue under
 # others (exact continuation)
 SAME_ON_RESUME = ("task", "model", "data", "max_prompt_tokens", "env", "split", "task_type", "max_env_steps", "history",
@@ -167,21 +164,14 @@ LOGP_TOL = 1e-3  # a log-prob above this is a bug (wrong normalisation or gather
 # ----------------------------------------------------------------------------------------------------------
 # Data: a seeded endless stream over the triples (wm) or task ids (policy); step k reads positions k*P..(k+1)*P-1
 
-@functools.lru_cache(maxsize=4)
-def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    order = list(range(n))
-    random.Random(f"{seed}:{epoch}").shuffle(order)  # str seeds hash stably across runs
-    return tuple(order)
-
-
 def stream(n: int, seed: int, start: int, count: int) -> list[int]:
-    return [epoch_order(n, seed, pos // n)[pos % n] for pos in range(start, start + count)]
+    return [common.epoch_order(n, seed, pos // n)[pos % n] for pos in range(start, start + count)]
 
 
 def load_wm_data(path: str, tokenizer, max_prompt_tokens: int) -> tuple[list[dict], list[list[int]]]:
     """Kept triples and their world-model prompt ids; prompts over max_prompt_tokens are skipped (a truncated
     chat prompt loses the task and the intro), and the count is printed."""
-    rows = [r for r in common.read_jsonl(path, TRIPLE_KEYS) if r.get("kept", True)]
+    rows = [r for r in common.read_jsonl(path, common.TRIPLE_KEYS) if r.get("kept", True)]
     kept, ids = [], []
     for row in rows:
         p = common.chat_ids(tokenizer, prompts.wm_messages(row))
@@ -679,7 +669,7 @@ def main(argv: list[str] | None = None) -> Path:
             act = rollout.model_actor(gen_lm, tokenizer, s.temperature, s.max_new_tokens, s.top_p,
                                       generator_for(d.device, s.seed, step, first))
             episodes = rollout.run_episodes(act, suite, [(suite.task_ids[i], g) for i in idx for g in range(G)],
-                                            env=s.env, split=s.split, model=s.model, max_steps=s.max_env_steps,
+                                            env=s.env, split=s.split, model=s.model, max_env_steps=s.max_env_steps,
                                             history=s.history, n_workers=s.env_workers, batch_size=len(idx) * G)
             samples = [st["sample"] for ep in episodes for st in ep["steps"]]
         t_gen = time.perf_counter()
