@@ -29,9 +29,7 @@ Diagnostics (issue 12) run every step; alarms go to the console and to the "alar
 from __future__ import annotations
 
 import copy
-import difflib
 import math
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -43,6 +41,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import common
+import diagnostics
 import prompts
 import rollout
 from kernels import group_advantages, grpo_loss
@@ -129,20 +128,11 @@ class Settings:
                                    ["binary", "score", "judge-binary", "judge-score"])
     judge_model: str = common.flag("", "the judge of --reward-mode judge-*: a local model (tiny | smollm2-135m | HF id "
                                    "| path) or litellm:<name>")
-    # diagnostics (issue 12; README "Diagnostics")
+    # off-policy correction and zero-variance groups (the alarm thresholds are constants in diagnostics.py)
     tis_cap: float = common.flag(0.0, "truncated importance sampling: weight each token by min(pi_train/pi_rollout, C) "
                                "(0 = off)")
     zero_var_std: float = common.flag(0.01, "a group whose reward std is below this carries no signal (zero-variance)")
     drop_zero_var: bool = common.flag(False, "drop zero-variance groups from the batch (DAPO dynamic sampling)")
-    agree_tol: float = common.flag(0.02, "alarm when mean |logp_rollout - logp_train| exceeds this")
-    alarm_warmup: int = common.flag(3, "steps averaged as the start values the alarms compare with")
-    length_alarm: float = common.flag(3.0, "alarm when mean response length exceeds this multiple of its start")
-    rate_alarm: float = common.flag(0.25, "alarm when format-error / invalid-action rate rises this far above its start")
-    entropy_alarm: float = common.flag(0.1, "alarm when entropy falls below this fraction of its start")
-    zero_var_alarm: float = common.flag(0.9, "alarm when at least this fraction of groups is zero-variance")
-    generic_alarm: float = common.flag(0.3, "alarm when the most common prediction's share exceeds the most common "
-                                     "truth's by this much (generic world-model predictions, paper §3.4)")
-    max_nonfinite: int = common.flag(5, "stop after this many non-finite steps in a row (each one is skipped)")
     # checkpoints
     save_every: int = common.flag(50, "steps between checkpoints (and one at the end)")
 
@@ -264,100 +254,6 @@ def kernel_scale(mask, agg: str, n_tok: int, n_seq: int, t_norm: int) -> float:
     if agg == "seq-mean-token-mean":
         return b / n_seq
     return b * width / (n_seq * t_norm)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Diagnostics (issue 12): pure functions on one step's numbers
-
-def zero_variance_groups(rewards: torch.Tensor, group_size: int, min_std: float) -> torch.Tensor:
-    """[n_groups] bool: groups whose reward std (unbiased, as the advantage uses) is below min_std. A threshold,
-    not == 0, so near-constant continuous rewards (snapped ROUGE, raw cosine) count too."""
-    r = rewards.reshape(-1, group_size).double()
-    std = r.std(1) if group_size > 1 else torch.zeros(r.shape[0], dtype=r.dtype)
-    return ~(std >= min_std)  # nan std (nan reward) counts as no signal
-
-
-def tis_weights(old_logp, rollout_logp, mask, cap: float):
-    """Truncated importance weight per token: min(pi_train / pi_rollout, cap), detached; 0 off the mask."""
-    w = torch.exp((old_logp - rollout_logp).clamp(max=math.log(cap))).clamp(max=cap)
-    return torch.where(mask, w, torch.zeros_like(w)).detach()
-
-
-def normalize_state(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-def near_identical(texts: list[str], min_ratio: float = 0.9) -> bool:
-    """All of a group's normalised predictions within min_ratio similarity (difflib, on words) of the first."""
-    words = [t.split() for t in texts]
-    return all(difflib.SequenceMatcher(None, words[0], w).ratio() >= min_ratio for w in words[1:])
-
-
-def top_share(texts: list[str]) -> float:
-    return Counter(texts).most_common(1)[0][1] / len(texts) if texts else 0.0
-
-
-def wm_hacking_monitor(predictions: list[str], truths: list[str], group_size: int) -> dict:
-    """Paper §3.4: a world model can win an embedding reward with generic predictions. predictions are the
-    extracted next states (G consecutive per prompt), truths one per prompt. Missing predictions ("none")
-    are format errors, not hacking, and are left out."""
-    preds = [normalize_state(p) for p in predictions]
-    groups = [preds[i:i + group_size] for i in range(0, len(preds), group_size)]
-    formatted = [p for p in preds if p != "none"]
-    true_norm = [normalize_state(t) for t in truths]
-    return {
-        "wm_identical_groups": sum("none" not in g and near_identical(g) for g in groups) / max(1, len(groups)),
-        "wm_top_pred_share": top_share(formatted),   # one prediction for every prompt: generic
-        "wm_top_true_share": top_share(true_norm),   # what the data itself would give
-        "wm_pred_words": float(np.mean([len(p.split()) for p in formatted])) if formatted else 0.0,
-        "wm_true_words": float(np.mean([len(t.split()) for t in true_norm])) if true_norm else 0.0,
-    }
-
-
-def check_alarms(row: dict, start: dict, s: Settings) -> list[str]:
-    """Alarms for one step's metrics row; `start` holds the mean of the first alarm_warmup steps (empty before)."""
-    alarms = [f"non-finite {k}" for k in ("loss", "grad_norm", "reward_mean", "kl", "entropy")
-              if isinstance(row.get(k), float) and not math.isfinite(row[k])]
-    if row.get("agree_mean", 0.0) > s.agree_tol:
-        alarms.append(f"rollout/trainer log-prob mismatch: mean |diff| {row['agree_mean']:.4f} > {s.agree_tol} "
-                      f"(max {row['agree_max']:.3f}); check temperature/top-p/precision, or use --tis-cap")
-    if row.get("zero_var_frac", 0.0) >= s.zero_var_alarm:
-        alarms.append(f"{row['zero_var_frac']:.0%} of groups have zero reward variance: almost no learning signal")
-    if row.get("wm_top_pred_share", 0.0) - row.get("wm_top_true_share", 0.0) > s.generic_alarm:
-        alarms.append(f"generic world-model predictions: {row['wm_top_pred_share']:.0%} of predictions are the same "
-                      f"text (truths: {row['wm_top_true_share']:.0%})")
-    if not start:
-        return alarms
-    if start["resp_len"] > 0 and row["resp_len"] > s.length_alarm * start["resp_len"]:
-        alarms.append(f"response length {row['resp_len']:.0f} > {s.length_alarm}x its start {start['resp_len']:.0f}")
-    for key, what in (("format_error_rate", "format-error rate"), ("invalid_rate", "invalid-action rate")):
-        if key in row and row[key] > start[key] + s.rate_alarm:
-            alarms.append(f"{what} {row[key]:.2f} rose past its start {start[key]:.2f} + {s.rate_alarm}")
-    if math.isfinite(row.get("entropy", math.nan)) and row["entropy"] < s.entropy_alarm * start["entropy"]:
-        alarms.append(f"entropy collapse: {row['entropy']:.4f} < {s.entropy_alarm} x start {start['entropy']:.4f}")
-    return alarms
-
-
-def rollout_metrics(every: dict, s: Settings) -> dict:
-    """One step's rollout numbers from the lists gathered over ranks (group members consecutive)."""
-    r = torch.tensor(every["rewards"])
-    tag = "next_state" if s.task == "wm" else "action"
-    row = {"reward_mean": float(r.mean()), "reward_std": float(r.std()) if len(r) > 1 else 0.0,
-           "zero_var_frac": float(np.mean(every["zero_var"])), "resp_len": float(np.mean(every["lens"])),
-           "resp_len_max": max(every["lens"]), "truncated_frac": float(np.mean(every["cut"])),
-           "format_error_rate": 1.0 - float(np.mean([prompts.has_format(t, tag) for t in every["texts"]]))}
-    if s.drop_zero_var:
-        row["dropped_groups"] = int(sum(every["zero_var"]))
-    if s.task == "wm":
-        row.update(wm_hacking_monitor([prompts.extract_next_state(t) for t in every["texts"]], every["truths"],
-                                      s.group_size))
-    else:
-        row.update(success_rate=float(np.mean(every["won"])), invalid_rate=1.0 - float(np.mean(every["valid"])),
-                   episode_len=float(np.mean(every["ep_len"])))
-    return row
-
-
-START_KEYS = ("resp_len", "entropy", "format_error_rate", "invalid_rate")  # what the alarms compare with its start
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -498,7 +394,7 @@ def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, schedul
                                        f"log-probs are not normalised; this step's data cannot be trusted")
                 sums["entropy"] += float(ent.detach()[mask].sum()) * w
                 if s.tis_cap > 0:
-                    mb["isw"] = tis_weights(mb["old"], mb["rollout"], mask, s.tis_cap)
+                    mb["isw"] = diagnostics.tis_weights(mb["old"], mb["rollout"], mask, s.tis_cap)
                     sums["tis_weight"] += float(mb["isw"][mask].sum()) * w
                     sums["tis_capped"] += float((mb["isw"][mask] >= s.tis_cap).sum()) * w
             k3 = ref_scorer is not None and s.kl == "k3"
@@ -682,7 +578,7 @@ def main(argv: list[str] | None = None) -> Path:
             rewards = torch.tensor([sum(policy_step_rewards(ep["steps"], ep["success"], s.win_reward, s.step_penalty,
                                                             s.penalize)) for ep in episodes])
         adv = group_advantages(rewards, G, s.adv_scale)
-        zero_var = zero_variance_groups(rewards, G, s.zero_var_std)
+        zero_var = diagnostics.zero_variance_groups(rewards, G, s.zero_var_std)
         keep_group = ~zero_var if s.drop_zero_var else torch.ones_like(zero_var)   # DAPO's dynamic sampling
         if s.task == "wm":
             seqs = [{"prompt_ids": x.prompt_ids, "response_ids": x.response_ids, "logprobs": x.logprobs,
@@ -709,7 +605,8 @@ def main(argv: list[str] | None = None) -> Path:
             local["won"] = [ep["success"] for ep in episodes]
             local["valid"] = [st["valid"] for ep in episodes for st in ep["steps"]]
             local["ep_len"] = [ep["n_steps"] for ep in episodes]
-        row.update(rollout_metrics({k: [v for part in gather(d, local) for v in part[k]] for k in local}, s))
+        every = {k: [v for part in gather(d, local) for v in part[k]] for k in local}
+        row.update(diagnostics.rollout_metrics(every, G, s.drop_zero_var))
         skipped = train.pop("skipped", None)
         if train.pop("nonfinite", False):
             state["nonfinite_in_row"] += 1
@@ -722,12 +619,7 @@ def main(argv: list[str] | None = None) -> Path:
         row.update(train, nonfinite_skips=state["nonfinite_total"], lr=lr)
         if skipped:
             row["skipped"] = skipped
-        if not state["alarm_start"] and "entropy" in row and all(math.isfinite(row.get(k, 0.0)) for k in START_KEYS):
-            state["start_rows"].append({k: row[k] for k in START_KEYS if k in row})
-            if len(state["start_rows"]) >= s.alarm_warmup:   # start values: the first finite steps' mean, then frozen
-                state["alarm_start"] = {k: float(np.mean([r[k] for r in state["start_rows"]]))
-                                        for k in state["start_rows"][0]}
-        row["alarms"] = check_alarms(row, state["alarm_start"], s)
+        row["alarms"] = diagnostics.step_alarms(row, state)
         t_diag = time.perf_counter() - t_d0
 
         if s.task == "wm" and val_rows and s.val_every and ((step + 1) % s.val_every == 0 or step + 1 == total_steps):
@@ -745,7 +637,7 @@ def main(argv: list[str] | None = None) -> Path:
                             **({"val": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}))
 
         state["step"] = step + 1
-        if state["nonfinite_in_row"] >= s.max_nonfinite:
+        if state["nonfinite_in_row"] >= diagnostics.MAX_NONFINITE:
             raise SystemExit(f"stopping at step {step + 1}: {state['nonfinite_in_row']} non-finite steps in a row "
                              f"(rewards, loss or gradients; see {out / 'metrics.jsonl'}). Lower --lr, check the "
                              f"reward, or resume from the last checkpoint in {ckpt_root}")
