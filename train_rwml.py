@@ -29,6 +29,7 @@ Diagnostics (issue 12) run every step; alarms go to the console and to the "alar
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from collections import Counter
@@ -185,21 +186,133 @@ def generator_for(device, *key: int) -> torch.Generator:
     return g
 
 
-def sample_groups(gen_lm, tokenizer, prompt_ids: list[list[int]], keys: list[int], s: Settings, step: int,
+def sample_groups(sampler, tokenizer, prompt_ids: list[list[int]], keys: list[int], s: Settings, step: int,
                   n: int, temperature: float, chunk_prompts: int) -> list[common.Sample]:
     """n samples per prompt, prompt-major. One generate call per chunk_prompts prompts with a generator keyed by
     (seed, step, the chunk's first stream position), so the samples do not depend on how prompts were sharded."""
-    device = next(gen_lm.parameters()).device
+    device = next(sampler.parameters()).device
     out = []
     for c in range(0, len(prompt_ids), chunk_prompts):
         chunk = [p for p in prompt_ids[c:c + chunk_prompts] for _ in range(n)]
-        out += common.generate(gen_lm, tokenizer, chunk, s.max_new_tokens, temperature, s.top_p,
+        out += common.generate(sampler, tokenizer, chunk, s.max_new_tokens, temperature, s.top_p,
                                batch_size=len(chunk), generator=generator_for(device, s.seed, step, keys[c]))
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Model setup: the trained model (FSDP2 under torchrun), a generation copy, a frozen reference
+# The two tasks. Each plays one step's rollouts on this rank: G group members per item (a response to a triple's
+# prompt, or an episode of a task), members of a group consecutive, one reward per member.
+
+@dataclass
+class Rollouts:
+    samples: list[list[common.Sample]]   # per member: its response (wm), or its episode's step responses (policy)
+    rewards: torch.Tensor                # [members] the group reward of each member
+    logs: dict[str, list]                # the task's lists for diagnostics.rollout_metrics (gathered over ranks)
+    generate_s: float                    # seconds spent generating (the rest of the call is the reward)
+
+
+def make_reward(s: Settings):
+    """-> reward_fn(samples, triples) -> float tensor [N]: the RWML reward of each sample's text against its triple
+    (tests swap this function for a toy reward)."""
+    from rewards import WorldModelReward, make_judge
+    if s.reward_mode.startswith("judge") and not s.judge_model:
+        raise SystemExit(f"--reward-mode {s.reward_mode} needs --judge-model (a local model or litellm:<name>)")
+    judge = make_judge(s.judge_model) if s.reward_mode.startswith("judge") else None
+    wm = WorldModelReward(s.embedder, s.tau_d, s.reward_max_tokens, mode=s.reward_mode, tau_d_user=s.tau_d_user,
+                          judge=judge, embed_instruction=s.embed_instruction)
+    return lambda samples, triples: wm([x.text for x in samples], triples)
+
+
+def wm_rollouts(sampler, tokenizer, reward_fn, rows: list[dict], prompt_ids: list[list[int]], idx: list[int],
+                first: int, step: int, s: Settings) -> Rollouts:
+    """--task wm (paper §2.2): G predictions of each triple's next state, each rewarded against the real one."""
+    t0 = time.perf_counter()
+    triples = [rows[i] for i in idx]
+    samples = sample_groups(sampler, tokenizer, [prompt_ids[i] for i in idx], list(range(first, first + len(idx))),
+                            s, step, s.group_size, s.temperature, s.gen_chunk)
+    generate_s = time.perf_counter() - t0
+    rewards = reward_fn(samples, [t for t in triples for _ in range(s.group_size)]).float()
+    return Rollouts([[x] for x in samples], rewards, {"truths": [t["next_state"] for t in triples]}, generate_s)
+
+
+def policy_rollouts(sampler, tokenizer, suite, idx: list[int], first: int, step: int, s: Settings,
+                    d: common.Dist) -> Rollouts:
+    """--task policy: G episodes per task; the group reward is the episode return (γ = 1), and every step's
+    response trains with its episode's advantage."""
+    import rewards
+    t0 = time.perf_counter()
+    act = rollout.model_actor(sampler, tokenizer, s.temperature, s.max_new_tokens, s.top_p,
+                              generator_for(d.device, s.seed, step, first))
+    episodes = rollout.run_episodes(act, suite, [(suite.task_ids[i], g) for i in idx for g in range(s.group_size)],
+                                    env=s.env, split=s.split, model=s.model, max_env_steps=s.max_env_steps,
+                                    history=s.history, n_workers=s.env_workers, batch_size=len(idx) * s.group_size)
+    generate_s = time.perf_counter() - t0
+    returns = torch.tensor([sum(rewards.policy_step_rewards(ep["steps"], ep["success"], s.win_reward, s.step_penalty,
+                                                            s.penalize)) for ep in episodes])
+    logs = {"won": [ep["success"] for ep in episodes], "valid": [st["valid"] for ep in episodes for st in ep["steps"]],
+            "ep_len": [ep["n_steps"] for ep in episodes]}
+    return Rollouts([[st["sample"] for st in ep["steps"]] for ep in episodes], returns, logs, generate_s)
+
+
+def wm_task(s: Settings, d: common.Dist, sampler, tokenizer):
+    """--task wm -> (items, rollouts(idx, first, step), validate(step) or None): the kept training triples (prompts
+    over --max-prompt-tokens skipped), the RWML reward, and the held-out accuracy check on --val-data."""
+    rows, prompt_ids = load_wm_data(s.data, tokenizer, s.max_prompt_tokens)
+    reward_fn = make_reward(s)
+    val_rows, val_ids = load_wm_data(s.val_data, tokenizer, s.max_prompt_tokens) if s.val_data else ([], [])
+    if s.val_size:   # a seeded sample: the first rows come from a few episodes of a few games
+        keep = common.sample_rows(list(range(len(val_rows))), s.val_size, s.seed)
+        val_rows, val_ids = [val_rows[i] for i in keep], [val_ids[i] for i in keep]
+    validate = functools.partial(evaluate_held_out, sampler, tokenizer, reward_fn, val_rows, val_ids, s, d) \
+        if val_rows and s.val_every else None
+    return len(rows), functools.partial(wm_rollouts, sampler, tokenizer, reward_fn, rows, prompt_ids, s=s), validate
+
+
+def policy_task(s: Settings, d: common.Dist, sampler, tokenizer):
+    """--task policy -> (tasks, rollouts(idx, first, step), None): the env suite's tasks (--env, --split,
+    --task-type); no held-out check during training (evaluate.py --what agent measures success)."""
+    suite = rollout.make_suite(s.env, s.split, task_type=s.task_type, user_model=s.user_model or None,
+                               device=d.device, n_workers=s.env_workers)
+    return len(suite.task_ids), functools.partial(policy_rollouts, sampler, tokenizer, suite, s=s, d=d), None
+
+
+def evaluate_held_out(sampler, tokenizer, reward_fn, rows: list[dict], ids: list[list[int]], s: Settings,
+                      d: common.Dist, step: int) -> float:
+    """--task wm: mean reward of one sample per held-out triple (greedy by default); ranks take contiguous shards."""
+    lo, hi = d.rank * len(rows) // d.world, (d.rank + 1) * len(rows) // d.world
+    keys = list(range(lo, hi))
+    samples = sample_groups(sampler, tokenizer, ids[lo:hi], keys, s, 10**6 + step, 1, s.val_temperature,
+                            s.gen_chunk * s.group_size) if hi > lo else []
+    hits = float(reward_fn(samples, rows[lo:hi]).sum()) if samples else 0.0
+    total, count = all_sum(d, hits, hi - lo)
+    return total / max(1, count)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models and optimizer
+
+def load_models(s: Settings, d: common.Dist, compute_dtype: torch.dtype):
+    """-> (policy, policy_logprobs, reference_logprobs, sampler, tokenizer).
+    policy: the trained model, fp32 master weights (lr 1e-6 updates vanish in bf16 weights), peft-wrapped with LoRA.
+    policy_logprobs: common.TokenLogprobs over the copy the update computes with (common.wrap_for_training: FSDP2
+    under torchrun; in one process the policy itself in fp32, a --precision compute copy in bf16).
+    reference_logprobs: the frozen start model's (None when --beta is 0).
+    sampler: the generation model, full parameters: one process generates with the weights it trains on (fp32: the
+    policy itself; bf16: its compute copy); under torchrun each rank keeps a full copy, synced after each step."""
+    policy, tokenizer = common.load_model(s.model, dtype=torch.float32, device=d.device)
+    if s.share_prompt and policy.config._attn_implementation != "sdpa":
+        policy.set_attn_implementation("sdpa")   # the tree rows' bool 4-D mask (common.pack_shared) is SDPA's
+    reference = copy.deepcopy(policy).to(compute_dtype).eval().requires_grad_(False) if s.beta > 0 else None
+    if s.lora_rank:
+        from peft import LoraConfig, get_peft_model
+        policy = get_peft_model(policy, LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha, target_modules="all-linear"))
+    if s.grad_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    sampler = copy.deepcopy(policy).to(compute_dtype) if d.world > 1 else None   # before sharding: full parameters
+    policy_logprobs = common.wrap_for_training(policy, d, compute_dtype)
+    reference_logprobs = common.TokenLogprobs(reference) if reference is not None else None
+    return policy, policy_logprobs, reference_logprobs, sampler or policy_logprobs.lm, tokenizer
 
 
 def make_optimizer(s: Settings, params, total_updates: int):
@@ -325,9 +438,9 @@ def micro_batches(seqs: list[dict], s: Settings, d: common.Dist, pad_id: int) ->
         part = groups[k] if k < len(groups) else groups[0] if groups else [[PAD_SEQ]]
         flat = [q for u in part for q in u]
         if s.share_prompt:
-            ids, attn, pos, score, index, mask = common.pack_shared(
+            ids, attn, pos, logp_mask, index, mask = common.pack_shared(
                 [u[0]["prompt_ids"] for u in part], [[q["response_ids"] for q in u] for u in part], pad_id, d.device)
-            mb = {"ids": ids, "attn": attn, "pos": pos, "score": score, "index": index, "mask": mask}
+            mb = {"ids": ids, "attn": attn, "pos": pos, "logp_mask": logp_mask, "index": index, "mask": mask}
             starts = [0] * len(flat)            # the loss layout holds response tokens only
         else:
             ids, attn, mask = common.pack_batch([q["prompt_ids"] for q in flat], [q["response_ids"] for q in flat],
@@ -345,15 +458,16 @@ def micro_batches(seqs: list[dict], s: Settings, d: common.Dist, pad_id: int) ->
     return out
 
 
-def score_micro_batch(scorer, mb: dict, temperature: float, with_entropy: bool = False):
-    """-> (logp, entropy or None) in the micro-batch's loss layout ([sequences, tokens], 0 off mb["mask"])."""
+def micro_batch_logprobs(model_logprobs, mb: dict, temperature: float, with_entropy: bool = False):
+    """-> (logp, entropy or None) of a common.TokenLogprobs model in the micro-batch's loss layout ([sequences,
+    tokens], 0 off mb["mask"])."""
     if "index" not in mb:
-        return scorer(mb["ids"], mb["attn"], mb["mask"], temperature, with_entropy=with_entropy)
-    impl = scorer.lm.config._attn_implementation
+        return model_logprobs(mb["ids"], mb["attn"], mb["mask"], temperature, with_entropy=with_entropy)
+    impl = model_logprobs.lm.config._attn_implementation
     if impl != "sdpa":   # eager adds its mask as floats, flash-attn takes none: the bool tree mask is SDPA's
         raise ValueError(f"--share-prompt needs sdpa attention for its tree mask; the model uses {impl}")
-    logp, ent = scorer(mb["ids"], mb["attn"], mb["score"], temperature, with_entropy=with_entropy,
-                       position_ids=mb["pos"])
+    logp, ent = model_logprobs(mb["ids"], mb["attn"], mb["logp_mask"], temperature, with_entropy=with_entropy,
+                               position_ids=mb["pos"])
 
     def per_sequence(x):
         return torch.where(mb["mask"], x.flatten()[mb["index"]], 0.0)
@@ -363,7 +477,7 @@ def score_micro_batch(scorer, mb: dict, temperature: float, with_entropy: bool =
 PAD_SEQ = {"prompt_ids": [0], "response_ids": [0], "logprobs": [0.0], "adv": 0.0}  # a rank with nothing to train
 
 
-def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, scheduler, s: Settings,
+def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, optimizer, scheduler, s: Settings,
                 d: common.Dist, pad_id: int) -> dict:
     """ppo_epochs optimizer steps on seqs (this rank's share). Returns global stats; "nonfinite" = skipped."""
     batches = micro_batches(seqs, s, d, pad_id)
@@ -377,12 +491,13 @@ def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, schedul
         loss_total = 0.0
         for mb in batches:
             mask = mb["mask"]
-            logp, ent = score_micro_batch(scorer, mb, s.temperature, with_entropy=epoch == 0 or s.entropy_coef > 0)
+            logp, ent = micro_batch_logprobs(policy_logprobs, mb, s.temperature,
+                                             with_entropy=epoch == 0 or s.entropy_coef > 0)
             if epoch == 0:
                 mb["old"] = logp.detach()
-                if ref_scorer is not None:
+                if reference_logprobs is not None:
                     with torch.no_grad():
-                        mb["ref"] = score_micro_batch(ref_scorer, mb, s.temperature)[0]
+                        mb["ref"] = micro_batch_logprobs(reference_logprobs, mb, s.temperature)[0]
             w, tokens = mb["weight"], float(mask.sum()) * mb["weight"]
             if epoch == 0:  # before any update: does the trainer see what the sampler sampled?
                 diff = (mb["old"] - mb["rollout"]).abs()[mask]
@@ -397,12 +512,12 @@ def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, schedul
                     mb["isw"] = diagnostics.tis_weights(mb["old"], mb["rollout"], mask, s.tis_cap)
                     sums["tis_weight"] += float(mb["isw"][mask].sum()) * w
                     sums["tis_capped"] += float((mb["isw"][mask] >= s.tis_cap).sum()) * w
-            k3 = ref_scorer is not None and s.kl == "k3"
+            k3 = reference_logprobs is not None and s.kl == "k3"
             loss, st = grpo_loss(logp, mb["old"], mb["ref"] if k3 else None, mb["adv"], mask, s.clip_low,
                                  s.clip_high, s.beta if k3 else 0.0, s.agg, is_weight=mb.get("isw"))
             scale = w * d.world  # FSDP2 averages gradients over ranks: undo it, the global normaliser is exact
             loss = loss * kernel_scale(mask, s.agg, n_tok, n_seq, s.max_new_tokens) * scale
-            if ref_scorer is not None and not k3:
+            if reference_logprobs is not None and not k3:
                 kl_tok = kl_terms(logp, mb["ref"], s.kl)
                 loss = loss + s.beta * scale * aggregate(kl_tok, mask, s.agg, n_tok, n_seq, s.max_new_tokens)
                 sums["kl"] += float(kl_tok.detach()[mask].sum()) * w
@@ -434,7 +549,7 @@ def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, schedul
              "train_seqs": int(n_seq), "train_tokens": int(n_tok), "train_tokens_computed": int(computed),
              "pad_frac": 1.0 - real / computed,
              **{k: totals[k] / n_updates for k in ("clip_frac_low", "clip_frac_high", "ratio_mean")}}
-    if ref_scorer is not None:
+    if reference_logprobs is not None:
         stats["kl"] = totals["kl"] / n_updates
     if s.tis_cap > 0:
         stats["tis_weight_mean"] = totals["tis_weight"] / n_tok
@@ -443,32 +558,65 @@ def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, schedul
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The reward of --task wm (tests swap this function for a toy reward)
 
-def make_reward(s: Settings):
-    """-> score(samples, triples) -> float tensor [N]: the RWML reward of each sample's text against its triple."""
-    from rewards import WorldModelReward, make_judge
-    if s.reward_mode.startswith("judge") and not s.judge_model:
-        raise SystemExit(f"--reward-mode {s.reward_mode} needs --judge-model (a local model or litellm:<name>)")
-    judge = make_judge(s.judge_model) if s.reward_mode.startswith("judge") else None
-    wm = WorldModelReward(s.embedder, s.tau_d, s.reward_max_tokens, mode=s.reward_mode, tau_d_user=s.tau_d_user,
-                          judge=judge, embed_instruction=s.embed_instruction)
-    return lambda samples, triples: wm([x.text for x in samples], triples)
-
-
-def evaluate_held_out(gen_lm, tokenizer, score, rows: list[dict], ids: list[list[int]], s: Settings,
-                      d: common.Dist, step: int) -> float:
-    """Mean reward of one sample per held-out triple (greedy by default); ranks take contiguous shards."""
-    lo, hi = d.rank * len(rows) // d.world, (d.rank + 1) * len(rows) // d.world
-    keys = list(range(lo, hi))
-    samples = sample_groups(gen_lm, tokenizer, ids[lo:hi], keys, s, 10**6 + step, 1, s.val_temperature,
-                            s.gen_chunk * s.group_size) if hi > lo else []
-    hits = float(score(samples, rows[lo:hi]).sum()) if samples else 0.0
-    total, count = all_sum(d, hits, hi - lo)
-    return total / max(1, count)
+def check_settings(s: Settings, d: common.Dist) -> None:
+    P = s.prompts_per_step
+    if P % d.world:
+        raise SystemExit(f"--prompts-per-step {P} must be a multiple of the world size {d.world} (groups are not "
+                         f"split)")
+    if s.task == "wm" and (P // d.world) % s.gen_chunk:
+        raise SystemExit(f"--gen-chunk {s.gen_chunk} must divide the prompts per rank ({P // d.world})")
+    if s.temperature <= 0:
+        raise SystemExit("--temperature must be > 0 for training (the trainer scores the sampled distribution)")
+    if s.tis_cap and s.tis_cap < 1:
+        raise SystemExit(f"--tis-cap {s.tis_cap}: the cap must be >= 1 (or 0 = off)")
 
 
-# ----------------------------------------------------------------------------------------------------------
+def resume(s: Settings, ckpt_root: Path, checkpoint_model, sampler, policy, optimizer, scheduler) -> dict:
+    """The trainer state of a fresh run, or of out_dir's latest checkpoint under --resume (weights, optimizer,
+    scheduler and RNG restored with it)."""
+    state = {"step": 0, "nonfinite_in_row": 0, "nonfinite_total": 0, "alarm_start": {}, "start_rows": []}
+    latest = common.latest_checkpoint(ckpt_root) if s.resume else None
+    if latest is not None:
+        state.update(common.load_checkpoint(latest, checkpoint_model, optimizer, scheduler)["extra"])
+        common.sync_weights(sampler, policy)
+        common.print0(f"resumed from {latest} at step {state['step']}")
+    elif s.resume:
+        common.print0(f"--resume: no checkpoint in {ckpt_root}, starting fresh")
+    return state
+
+
+def count_nonfinite(state: dict, train: dict, step: int, d: common.Dist) -> dict:
+    """Counts the updates grpo_update skipped for a non-finite loss or gradient (all ranks together); -> the
+    update's entries of the metrics row."""
+    skipped = train.pop("skipped", None)
+    if train.pop("nonfinite", False):
+        state["nonfinite_in_row"] += 1
+        state["nonfinite_total"] += 1
+        if d.main:
+            tqdm.write(f"warning: step {step + 1}: non-finite loss or gradient, update skipped "
+                       f"({state['nonfinite_in_row']} in a row)")
+    elif not skipped:
+        state["nonfinite_in_row"] = 0
+    return {**train, "nonfinite_skips": state["nonfinite_total"], **({"skipped": skipped} if skipped else {})}
+
+
+def gather_logs(d: common.Dist, roll: Rollouts, zero_var: torch.Tensor) -> dict[str, list]:
+    """The step's per-member and per-sample lists from every rank, for diagnostics.rollout_metrics."""
+    samples = [x for member in roll.samples for x in member]
+    local = {"rewards": roll.rewards.tolist(), "zero_var": zero_var.tolist(), "texts": [x.text for x in samples],
+             "lens": [len(x.response_ids) for x in samples], "cut": [not x.finished for x in samples], **roll.logs}
+    return {k: [v for part in gather(d, local) for v in part[k]] for k in local}
+
+
+def show(bar, row: dict) -> None:
+    """The console: alarms as lines, the step's headline numbers on the progress bar."""
+    for alarm in row["alarms"]:
+        tqdm.write(f"ALARM step {row['step']}: {alarm}")
+    bar.set_postfix(reward=f"{row['reward_mean']:.3f}", len=f"{row['resp_len']:.0f}",
+                    agree=f"{row['agree_mean']:.1e}" if "agree_mean" in row else "-",
+                    **({"val": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}))
+
 
 def main(argv: list[str] | None = None) -> Path:
     s = common.parse_settings(Settings, argv)
@@ -476,74 +624,29 @@ def main(argv: list[str] | None = None) -> Path:
         if getattr(s, k) is None:
             setattr(s, k, v)
     d = common.init_distributed()
-    s.precision = "bf16" if common.compute_dtype(s.precision, d.device) == torch.bfloat16 else "fp32"   # as config.json says
-    out = Path(s.out_dir)
-    ckpt_root = out / "ckpt"
-    P, G = s.prompts_per_step, s.group_size
-    if P % d.world:
-        raise SystemExit(f"--prompts-per-step {P} must be a multiple of the world size {d.world} (groups are not split)")
-    if s.task == "wm" and (P // d.world) % s.gen_chunk:
-        raise SystemExit(f"--gen-chunk {s.gen_chunk} must divide the prompts per rank ({P // d.world})")
-    if s.temperature <= 0:
-        raise SystemExit("--temperature must be > 0 for training (the trainer scores the sampled distribution)")
-    if s.tis_cap and s.tis_cap < 1:
-        raise SystemExit(f"--tis-cap {s.tis_cap}: the cap must be >= 1 (or 0 = off)")
+    compute_dtype = common.compute_dtype(s.precision, d.device)
+    s.precision = "bf16" if compute_dtype == torch.bfloat16 else "fp32"   # resolved, as config.json says
+    check_settings(s, d)
+    out, ckpt_root = Path(s.out_dir), Path(s.out_dir) / "ckpt"
     if s.resume:
         common.check_resume(s, out, SAME_ON_RESUME)
     common.seed_everything(s.seed)
     if d.main:
         common.save_config(s, out)
     log = common.MetricsLogger(out / "metrics.jsonl", enabled=d.main)
+    policy, policy_logprobs, reference_logprobs, sampler, tokenizer = load_models(s, d, compute_dtype)
+    checkpoint_model = policy.get_base_model() if s.lora_rank else policy   # save_pretrained with the HF keys
+    P, G = s.prompts_per_step, s.group_size
 
-    # Models: fp32 master weights (lr 1e-6 updates vanish in bf16 weights); training, generation and reference
-    # compute in the --precision dtype (common.wrap_for_training). One process generates with the weights it
-    # trains on (fp32: the model itself; bf16: its compute copy); under torchrun each rank has a full copy.
-    compute_dtype = common.compute_dtype(s.precision, d.device)
-    lm, tokenizer = common.load_model(s.model, dtype=torch.float32, device=d.device)
-    if s.share_prompt and lm.config._attn_implementation != "sdpa":
-        lm.set_attn_implementation("sdpa")   # the tree rows' bool 4-D mask (common.pack_shared) is SDPA's
-    ref_lm = copy.deepcopy(lm).to(compute_dtype).eval().requires_grad_(False) if s.beta > 0 else None
-    if s.lora_rank:
-        from peft import LoraConfig, get_peft_model
-        lm = get_peft_model(lm, LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha, target_modules="all-linear"))
-    if s.grad_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lm.train()
-    gen_lm = copy.deepcopy(lm).to(compute_dtype) if d.world > 1 else None   # before sharding: full parameters
-    scorer = common.wrap_for_training(lm, d, compute_dtype)
-    gen_lm = scorer.lm if gen_lm is None else gen_lm
-    ref_scorer = common.TokenLogprobs(ref_lm) if ref_lm is not None else None
-    hf_model = lm.get_base_model() if s.lora_rank else lm   # what checkpoints save (save_pretrained, HF keys)
-
-    # Data
-    score = suite = None
-    if s.task == "wm":
-        rows, prompt_ids = load_wm_data(s.data, tokenizer, s.max_prompt_tokens)
-        n_items = len(rows)
-        score = make_reward(s)
-        val_rows, val_ids = load_wm_data(s.val_data, tokenizer, s.max_prompt_tokens) if s.val_data else ([], [])
-        if s.val_size:   # a seeded sample: the first rows come from a few episodes of a few games
-            keep = common.sample_rows(list(range(len(val_rows))), s.val_size, s.seed)
-            val_rows, val_ids = [val_rows[i] for i in keep], [val_ids[i] for i in keep]
-    else:
-        suite = rollout.make_suite(s.env, s.split, task_type=s.task_type, user_model=s.user_model or None,
-                                   device=d.device, n_workers=s.env_workers)
-        n_items = len(suite.task_ids)
+    # the task: its items (triples or env tasks) and what one step plays on them
+    n_items, rollouts, validate = (wm_task if s.task == "wm" else policy_task)(s, d, sampler, tokenizer)
     total_steps = s.max_steps or int(s.epochs * n_items // P)
     if total_steps < 1:
         raise SystemExit(f"no training steps: {n_items} items, {P} per step, --epochs {s.epochs}")
-    params = [p for p in lm.parameters() if p.requires_grad]   # the fp32 master weights (FSDP2: their shards)
+    params = [p for p in policy.parameters() if p.requires_grad]   # the fp32 master weights (FSDP2: their shards)
     optimizer, scheduler = make_optimizer(s, params, total_steps * s.ppo_epochs)
-    common.sync_after_steps(optimizer, scorer.lm, lm)   # one-process bf16: each optimizer step refreshes the copy
-
-    state = {"step": 0, "nonfinite_in_row": 0, "nonfinite_total": 0, "alarm_start": {}, "start_rows": []}
-    latest = common.latest_checkpoint(ckpt_root) if s.resume else None
-    if latest is not None:
-        state.update(common.load_checkpoint(latest, hf_model, optimizer, scheduler)["extra"])
-        common.sync_weights(gen_lm, lm)
-        common.print0(f"resumed from {latest} at step {state['step']}")
-    elif s.resume:
-        common.print0(f"--resume: no checkpoint in {ckpt_root}, starting fresh")
+    common.sync_after_steps(optimizer, policy_logprobs.lm, policy)   # one-process bf16: refresh the compute copy
+    state = resume(s, ckpt_root, checkpoint_model, sampler, policy, optimizer, scheduler)
     log.restart(state["step"])   # rows past the checkpoint (a kill after logging) or of an earlier run go
     common.print0(f"{s.task}: {total_steps} steps x {P} {'prompts' if s.task == 'wm' else 'tasks'} x G={G}, "
                   f"{n_items} items, world {d.world}, model {s.model}")
@@ -553,96 +656,44 @@ def main(argv: list[str] | None = None) -> Path:
     for step in bar:
         t0 = time.perf_counter()
         first = step * P + d.rank * (P // d.world)           # this rank's first stream position
-        idx = stream(n_items, s.seed, first, P // d.world)
-        row = {"step": step + 1, "epoch": round((step + 1) * P / n_items, 4)}
-
-        # 1. generate
-        if s.task == "wm":
-            triples = [rows[i] for i in idx]
-            samples = sample_groups(gen_lm, tokenizer, [prompt_ids[i] for i in idx],
-                                    list(range(first, first + len(idx))), s, step, G, s.temperature, s.gen_chunk)
-        else:
-            act = rollout.model_actor(gen_lm, tokenizer, s.temperature, s.max_new_tokens, s.top_p,
-                                      generator_for(d.device, s.seed, step, first))
-            episodes = rollout.run_episodes(act, suite, [(suite.task_ids[i], g) for i in idx for g in range(G)],
-                                            env=s.env, split=s.split, model=s.model, max_env_steps=s.max_env_steps,
-                                            history=s.history, n_workers=s.env_workers, batch_size=len(idx) * G)
-            samples = [st["sample"] for ep in episodes for st in ep["steps"]]
-        t_gen = time.perf_counter()
-
-        # 2. score: one reward per group member (a response, or an episode), then group advantages
-        if s.task == "wm":
-            rewards = score(samples, [t for t in triples for _ in range(G)]).float()
-        else:
-            from rewards import policy_step_rewards   # the group reward is the episode return (γ = 1)
-            rewards = torch.tensor([sum(policy_step_rewards(ep["steps"], ep["success"], s.win_reward, s.step_penalty,
-                                                            s.penalize)) for ep in episodes])
-        adv = group_advantages(rewards, G, s.adv_scale)
-        zero_var = diagnostics.zero_variance_groups(rewards, G, s.zero_var_std)
+        # 1. generate and reward: G responses (wm) or G episodes (policy) per item, one reward each
+        roll = rollouts(stream(n_items, s.seed, first, P // d.world), first, step)
+        t_gen = t0 + roll.generate_s
+        # 2. group advantages: every sample of a member (its response, its episode's steps) carries the member's
+        adv = group_advantages(roll.rewards, G, s.adv_scale)
+        zero_var = diagnostics.zero_variance_groups(roll.rewards, G, s.zero_var_std)
         keep_group = ~zero_var if s.drop_zero_var else torch.ones_like(zero_var)   # DAPO's dynamic sampling
-        if s.task == "wm":
-            seqs = [{"prompt_ids": x.prompt_ids, "response_ids": x.response_ids, "logprobs": x.logprobs,
-                     "adv": float(adv[i])} for i, x in enumerate(samples) if keep_group[i // G]]
-        else:   # every step of an episode is a sample carrying the episode's advantage
-            seqs = [{"prompt_ids": st["sample"].prompt_ids, "response_ids": st["sample"].response_ids,
-                     "logprobs": st["sample"].logprobs, "adv": float(adv[e])}
-                    for e, ep in enumerate(episodes) if keep_group[e // G] for st in ep["steps"]]
+        seqs = [{"prompt_ids": x.prompt_ids, "response_ids": x.response_ids, "logprobs": x.logprobs,
+                 "adv": float(adv[i])} for i, member in enumerate(roll.samples) if keep_group[i // G] for x in member]
         t_score = time.perf_counter()
-
-        # 3. train
+        # 3. update: ppo_epochs optimizer steps of the GRPO loss, then the sampler takes the new weights
         lr = scheduler.get_last_lr()[0]
-        train = grpo_update(seqs, scorer, ref_scorer, params, optimizer, scheduler, s, d, tokenizer.pad_token_id)
-        common.sync_weights(gen_lm, lm)
+        train = grpo_update(seqs, policy_logprobs, reference_logprobs, params, optimizer, scheduler, s, d,
+                            tokenizer.pad_token_id)
+        common.sync_weights(sampler, policy)
         t_train = time.perf_counter()
-
-        # 4. metrics and diagnostics over all ranks (the agreement and TIS numbers came from the update)
-        t_d0 = time.perf_counter()
-        local = {"rewards": rewards.tolist(), "zero_var": zero_var.tolist(), "texts": [x.text for x in samples],
-                 "lens": [len(x.response_ids) for x in samples], "cut": [not x.finished for x in samples]}
-        if s.task == "wm":
-            local["truths"] = [t["next_state"] for t in triples]
-        else:
-            local["won"] = [ep["success"] for ep in episodes]
-            local["valid"] = [st["valid"] for ep in episodes for st in ep["steps"]]
-            local["ep_len"] = [ep["n_steps"] for ep in episodes]
-        every = {k: [v for part in gather(d, local) for v in part[k]] for k in local}
-        row.update(diagnostics.rollout_metrics(every, G, s.drop_zero_var))
-        skipped = train.pop("skipped", None)
-        if train.pop("nonfinite", False):
-            state["nonfinite_in_row"] += 1
-            state["nonfinite_total"] += 1
-            if d.main:
-                tqdm.write(f"warning: step {step + 1}: non-finite loss or gradient, update skipped "
-                           f"({state['nonfinite_in_row']} in a row)")
-        elif not skipped:
-            state["nonfinite_in_row"] = 0
-        row.update(train, nonfinite_skips=state["nonfinite_total"], lr=lr)
-        if skipped:
-            row["skipped"] = skipped
+        # 4. log: the rollouts over all ranks, the update's stats (agreement, TIS), alarms, held-out accuracy
+        row = {"step": step + 1, "epoch": round((step + 1) * P / n_items, 4),
+               **diagnostics.rollout_metrics(gather_logs(d, roll, zero_var), G, s.drop_zero_var),
+               **count_nonfinite(state, train, step, d), "lr": lr}
         row["alarms"] = diagnostics.step_alarms(row, state)
-        t_diag = time.perf_counter() - t_d0
-
-        if s.task == "wm" and val_rows and s.val_every and ((step + 1) % s.val_every == 0 or step + 1 == total_steps):
-            row["val_acc"] = evaluate_held_out(gen_lm, tokenizer, score, val_rows, val_ids, s, d, step)
+        t_diag = time.perf_counter() - t_train
+        if validate and ((step + 1) % s.val_every == 0 or step + 1 == total_steps):
+            row["val_acc"] = validate(step)
         t_end = time.perf_counter()
-        n_resp = int(all_sum(d, sum(len(x.response_ids) for x in samples))[0])
+        n_resp = int(all_sum(d, sum(len(x.response_ids) for member in roll.samples for x in member))[0])
         row.update(time_generate=t_gen - t0, time_score=t_score - t_gen, time_train=t_train - t_score,
                    time_diag=t_diag, time_step=t_end - t0, tokens_per_s=n_resp / (t_end - t0))
         log.log(row)
         if d.main:
-            for alarm in row["alarms"]:
-                tqdm.write(f"ALARM step {step + 1}: {alarm}")
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", len=f"{row['resp_len']:.0f}",
-                            agree=f"{row['agree_mean']:.1e}" if "agree_mean" in row else "-",
-                            **({"val": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}))
-
+            show(bar, row)
         state["step"] = step + 1
         if state["nonfinite_in_row"] >= diagnostics.MAX_NONFINITE:
             raise SystemExit(f"stopping at step {step + 1}: {state['nonfinite_in_row']} non-finite steps in a row "
                              f"(rewards, loss or gradients; see {out / 'metrics.jsonl'}). Lower --lr, check the "
                              f"reward, or resume from the last checkpoint in {ckpt_root}")
         if (step + 1) % s.save_every == 0 or step + 1 == total_steps:
-            common.save_checkpoint(ckpt_root, step + 1, hf_model, tokenizer, optimizer, scheduler,
+            common.save_checkpoint(ckpt_root, step + 1, checkpoint_model, tokenizer, optimizer, scheduler,
                                    extra={**state, "data_pos": (step + 1) * P},
                                    lora_scaling=s.lora_alpha / s.lora_rank if s.lora_rank else None)
 
