@@ -45,7 +45,8 @@ import common
 import diagnostics
 import prompts
 import rollout
-from kernels import group_advantages, grpo_loss
+from kernels import group_advantages
+from kernels import grpo_loss as fused_grpo_loss
 
 
 
@@ -118,6 +119,9 @@ class Settings:
                    "noise and only its logged kl means anything", ["k1", "k2", "k3"])
     adv_scale: str = common.flag("std", "advantage = (r - group mean) / group std, or r - group mean", ["std", "none"])
     entropy_coef: float | None = common.flag(None, "entropy bonus; none = paper: 0 wm, 0.001 policy")
+    fused_loss: str = common.flag("auto", "compute the loss with the fused Triton kernel (kernels/grpo_loss.py): "
+                                  "auto = on CUDA tensors; off = grpo_loss's PyTorch code (what an ablation edits)",
+                                  ["auto", "on", "off"])
     # reward (--task wm)
     embedder: str = common.flag("minilm", "reward embedder: minilm | sentence-transformers id (paper: Qwen3-Embedding-8B)")
     embed_instruction: str = common.flag("auto", "truth-side instruction: auto (if an instruct embedder) | none | text")
@@ -150,6 +154,53 @@ SAME_ON_RESUME = ("task", "model", "data", "max_prompt_tokens", "env", "split", 
                   "embed_instruction", "tau_d", "tau_d_user", "reward_max_tokens", "reward_mode", "judge_model",
                   "tis_cap", "zero_var_std", "drop_zero_var")
 LOGP_TOL = 1e-3  # a log-prob above this is a bug (wrong normalisation or gather), not rounding
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The GRPO loss: edit here for an ablation, and run it with --fused-loss off (the Triton kernel fuses this standard
+# objective; tests/test_trainer_math.py holds the two equal, so an edit here alone fails that test, as it should).
+
+def grpo_loss(logp, entropy, mb: dict, s: Settings, n_tok: float, n_seq: float, world: int):
+    """One micro-batch's share of the step's GRPO loss (paper §2.2: verl's GRPO, token-mean, k3 KL to the start).
+    logp, entropy [B, T]: the policy's, with gradient; mb: "old" (log-probs before the update), "ref" (the
+    reference's; absent when --beta is 0), "isw" (TIS weights; absent without --tis-cap), "adv" [B], "mask" [B, T]
+    (the response tokens), "weight" (0 on a rank's padding micro-batch). n_tok, n_seq: response tokens and
+    sequences of the whole step (every micro-batch, every rank). -> (loss, sums of the logged stats)."""
+    m, adv = mb["mask"], mb["adv"]
+    # the aggregation as each sequence's token weight over the GLOBAL batch: accumulation and world size change nothing
+    if s.agg == "token-mean":              # DAPO, the paper's: every token of the step weighs the same
+        row_w = torch.full_like(adv, 1.0 / n_tok)
+    elif s.agg == "seq-mean-token-mean":   # the original GRPO: per-sequence token means, then their mean
+        row_w = 1.0 / (n_seq * m.sum(1).clamp(min=1))
+    else:                                  # Dr. GRPO: token sums over the constant budget max_new_tokens
+        row_w = torch.full_like(adv, 1.0 / (n_seq * s.max_new_tokens))
+    row_w = row_w * (mb["weight"] * world)   # x world: FSDP2 averages gradients over ranks, the objective sums them
+    w = m * row_w[:, None]                   # [B, T] each token's weight in the step's loss
+    ref = mb.get("ref")
+    if s.fused_loss == "on" or s.fused_loss == "auto" and logp.is_cuda:   # clip, TIS and k3 in one Triton pass
+        k3_ref = ref if s.kl == "k3" else None
+        loss, sums = fused_grpo_loss(logp, mb["old"], k3_ref, adv, m, row_w, s.clip_low, s.clip_high,
+                                     s.beta if k3_ref is not None else 0.0, mb.get("isw"))
+        if k3_ref is None:
+            del sums["kl_sum"]   # k1 / k2 below
+    else:
+        a, ratio = adv[:, None], torch.exp((logp - mb["old"]).clamp(-20, 20))
+        pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - s.clip_low, 1 + s.clip_high))   # PPO's pessimistic bound
+        loss = (pg * mb.get("isw", 1.0) * w).sum()   # TIS: min(pi_train / pi_rollout, cap) per token
+        sums = {"clipped_low": ((a < 0) & (ratio < 1 - s.clip_low) & m).sum(),   # the clip zeroes their gradient
+                "clipped_high": ((a > 0) & (ratio > 1 + s.clip_high) & m).sum(), "ratio_sum": (ratio.detach() * m).sum()}
+    if ref is not None and "kl_sum" not in sums:   # KL(pi || ref) estimated on samples of pi (Schulman 2020)
+        log_ratio = logp - ref
+        if s.kl == "k3":    # verl's low_var_kl, with its clamps
+            d = (-log_ratio).clamp(-20, 20)
+            kl = (d.exp() - d - 1).clamp(max=10)
+        else:               # k2's gradient is grad KL(pi || ref); k1's is zero in expectation (E_pi[grad log pi] = 0)
+            kl = log_ratio if s.kl == "k1" else 0.5 * log_ratio.square()
+        loss = loss + s.beta * (kl * w).sum()
+        sums["kl_sum"] = (kl.detach() * m).sum()
+    if s.entropy_coef > 0:
+        loss = loss - s.entropy_coef * (entropy * w).sum()
+    return loss, sums
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,39 +388,6 @@ def make_optimizer(s: Settings, params, total_updates: int):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Loss pieces the kernel does not cover (entropy bonus, k1/k2 KL), normalised like the kernel's aggregation but
-# over the GLOBAL batch, so gradient accumulation and any world size give the same loss.
-
-def kl_terms(logp, ref_logp, kind: str):
-    """Per-token KL(pi || ref) estimates from samples of pi (Schulman 2020); k3 lives in the fused loss kernel.
-    As loss terms on fixed samples, k1's gradient is grad log pi, zero in expectation: it estimates the KL but
-    does not pull towards ref; k2's gradient (log pi - log ref) grad log pi is the true grad KL(pi || ref)."""
-    log_ratio = logp - ref_logp
-    return log_ratio if kind == "k1" else 0.5 * log_ratio.square()
-
-
-def aggregate(x, mask, agg: str, n_tok: int, n_seq: int, t_norm: int):
-    """Sum over this micro-batch of the global aggregation of per-token x [B, L] (mask bool [B, L])."""
-    m = mask.to(x.dtype)
-    if agg == "token-mean":
-        return (x * m).sum() / n_tok
-    if agg == "seq-mean-token-mean":
-        return ((x * m).sum(1) / m.sum(1).clamp(min=1)).sum() / n_seq
-    return (x * m).sum() / (n_seq * t_norm)
-
-
-def kernel_scale(mask, agg: str, n_tok: int, n_seq: int, t_norm: int) -> float:
-    """grpo_loss normalises over its own micro-batch; this factor rescales that to the global batch. For
-    seq-mean-token-sum-norm the divisor T is max_new_tokens (Dr. GRPO's constant budget), not the padded width."""
-    b, width = mask.shape
-    if agg == "token-mean":
-        return float(mask.sum()) / n_tok
-    if agg == "seq-mean-token-mean":
-        return b / n_seq
-    return b * width / (n_seq * t_norm)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Distributed helpers (no-ops in a single process)
 
 def all_sum(d: common.Dist, *values: float) -> list[float]:
@@ -498,7 +516,7 @@ def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, o
                 if reference_logprobs is not None:
                     with torch.no_grad():
                         mb["ref"] = micro_batch_logprobs(reference_logprobs, mb, s.temperature)[0]
-            w, tokens = mb["weight"], float(mask.sum()) * mb["weight"]
+            w = mb["weight"]
             if epoch == 0:  # before any update: does the trainer see what the sampler sampled?
                 diff = (mb["old"] - mb["rollout"]).abs()[mask]
                 sums["agree"] += float(diff.sum()) * w
@@ -512,23 +530,11 @@ def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, o
                     mb["isw"] = diagnostics.tis_weights(mb["old"], mb["rollout"], mask, s.tis_cap)
                     sums["tis_weight"] += float(mb["isw"][mask].sum()) * w
                     sums["tis_capped"] += float((mb["isw"][mask] >= s.tis_cap).sum()) * w
-            k3 = reference_logprobs is not None and s.kl == "k3"
-            loss, st = grpo_loss(logp, mb["old"], mb["ref"] if k3 else None, mb["adv"], mask, s.clip_low,
-                                 s.clip_high, s.beta if k3 else 0.0, s.agg, is_weight=mb.get("isw"))
-            scale = w * d.world  # FSDP2 averages gradients over ranks: undo it, the global normaliser is exact
-            loss = loss * kernel_scale(mask, s.agg, n_tok, n_seq, s.max_new_tokens) * scale
-            if reference_logprobs is not None and not k3:
-                kl_tok = kl_terms(logp, mb["ref"], s.kl)
-                loss = loss + s.beta * scale * aggregate(kl_tok, mask, s.agg, n_tok, n_seq, s.max_new_tokens)
-                sums["kl"] += float(kl_tok.detach()[mask].sum()) * w
-            elif k3:
-                sums["kl"] += st["kl_mean"].item() * tokens
-            if s.entropy_coef > 0:
-                loss = loss - s.entropy_coef * scale * aggregate(ent, mask, s.agg, n_tok, n_seq, s.max_new_tokens)
+            loss, mb_sums = grpo_loss(logp, ent, mb, s, n_tok, n_seq, d.world)
             loss.backward()
             loss_total += loss.item() / d.world
-            for k in ("clip_frac_low", "clip_frac_high", "ratio_mean"):
-                sums[k] += st[k].item() * tokens
+            for k, v in mb_sums.items():
+                sums[k] += float(v) * w
         grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else math.inf)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         (loss_total,) = all_sum(d, loss_total)
@@ -539,7 +545,7 @@ def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, o
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    keys = ("agree", "entropy", "tis_weight", "tis_capped", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean")
+    keys = ("agree", "entropy", "tis_weight", "tis_capped", "kl_sum", "clipped_low", "clipped_high", "ratio_sum")
     totals = dict(zip(keys, all_sum(d, *(sums[k] for k in keys))))
     (agree_max,) = all_max(d, agree_max)
     n_updates = epochs_run * n_tok
@@ -548,9 +554,10 @@ def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, o
              "agree_mean": totals["agree"] / n_tok, "agree_max": agree_max, "entropy": totals["entropy"] / n_tok,
              "train_seqs": int(n_seq), "train_tokens": int(n_tok), "train_tokens_computed": int(computed),
              "pad_frac": 1.0 - real / computed,
-             **{k: totals[k] / n_updates for k in ("clip_frac_low", "clip_frac_high", "ratio_mean")}}
+             "clip_frac_low": totals["clipped_low"] / n_updates, "clip_frac_high": totals["clipped_high"] / n_updates,
+             "ratio_mean": totals["ratio_sum"] / n_updates}
     if reference_logprobs is not None:
-        stats["kl"] = totals["kl"] / n_updates
+        stats["kl"] = totals["kl_sum"] / n_updates
     if s.tis_cap > 0:
         stats["tis_weight_mean"] = totals["tis_weight"] / n_tok
         stats["tis_capped_frac"] = totals["tis_capped"] / n_tok
