@@ -80,8 +80,8 @@ class Settings:
     user_model: str = common.flag("", "τ² user simulator: a local model (run here, greedy; '' = smollm2-135m) or "
                                "litellm:<name> for a hosted one, e.g. litellm:gpt-4.1")
     # sampling
-    prompts_per_step: int | None = common.flag(None, "prompts (wm) / tasks (policy) per step over all ranks; "
-                                              "none = paper: 32 wm, 8 policy")
+    prompts_per_step: int = common.flag(32, "prompts (wm) / tasks (policy) per step over all ranks (paper: 32 wm; "
+                                            "8 policy, configs/*_policy.json)")
     group_size: int = common.flag(8, "G responses (wm) or episodes (policy) per prompt (paper: 8)")
     temperature: float = common.flag(1.0, "sampling temperature; the trainer scores at the same one (paper: 1.0)")
     top_p: float = common.flag(1.0, "nucleus sampling; < 1 makes sampler and trainer log-probs differ (use --tis-cap)")
@@ -112,13 +112,13 @@ class Settings:
                     ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
     clip_low: float = common.flag(0.2, "ratio clip below 1 (paper: 0.2)")
     clip_high: float = common.flag(0.2, "ratio clip above 1 (paper: 0.2; DAPO: 0.28)")
-    beta: float | None = common.flag(None, "KL weight to the frozen start model; none = paper: 0.001 wm, 0.01 policy; "
-                                    "0 = no reference model")
+    beta: float = common.flag(0.001, "KL weight to the frozen start model (paper: 0.001 wm; 0.01 policy, "
+                                     "configs/*_policy.json); 0 = no reference model")
     kl: str = common.flag("k3", "KL estimator in the loss: k3 = verl's low_var_kl, k2 = half squared log-ratio, "
                    "k1 = log-ratio, whose expected gradient is zero (E_pi[grad log pi] = 0): k1 acts as --beta 0 plus "
                    "noise and only its logged kl means anything", ["k1", "k2", "k3"])
     adv_scale: str = common.flag("std", "advantage = (r - group mean) / group std, or r - group mean", ["std", "none"])
-    entropy_coef: float | None = common.flag(None, "entropy bonus; none = paper: 0 wm, 0.001 policy")
+    entropy_coef: float = common.flag(0.0, "entropy bonus (paper: 0 wm; 0.001 policy, configs/*_policy.json)")
     fused_loss: str = common.flag("auto", "compute the loss with the fused Triton kernel (kernels/grpo_loss.py): "
                                   "auto = on CUDA tensors; off = grpo_loss's PyTorch code (what an ablation edits)",
                                   ["auto", "on", "off"])
@@ -142,8 +142,9 @@ class Settings:
     save_every: int = common.flag(50, "steps between checkpoints (and one at the end)")
 
 
-PAPER_DEFAULTS = {"wm": {"prompts_per_step": 32, "beta": 0.001, "entropy_coef": 0.0},
-                  "policy": {"prompts_per_step": 8, "beta": 0.01, "entropy_coef": 0.001}}
+# The defaults are the paper's world-model settings; its policy RL stage differs in these three (8 tasks x 8
+# episodes, KL 0.01, entropy 0.001): configs/alfworld_policy.json and configs/tau2_policy.json carry them.
+POLICY_PAPER = {"prompts_per_step": 8, "beta": 0.01, "entropy_coef": 0.001}
 # settings that define the run (its data, samples, objective or optimizer): --resume refuses to continue under
 # others (exact continuation)
 SAME_ON_RESUME = ("task", "model", "data", "max_prompt_tokens", "env", "split", "task_type", "max_env_steps", "history",
@@ -567,6 +568,12 @@ def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, o
 # ----------------------------------------------------------------------------------------------------------
 
 def check_settings(s: Settings, d: common.Dist) -> None:
+    """Refuse settings that cannot train; warn when policy RL runs with the world-model defaults."""
+    wm_defaults = [k for k in POLICY_PAPER if getattr(s, k) == getattr(Settings, k)]
+    if s.task == "policy" and wm_defaults and d.main:
+        print(f"warning: --task policy with the world-model defaults of {', '.join(wm_defaults)} (paper's policy RL: "
+              f"{', '.join(f'{k} {POLICY_PAPER[k]}' for k in wm_defaults)}); pass --config configs/alfworld_policy.json "
+              f"or configs/tau2_policy.json", flush=True)
     P = s.prompts_per_step
     if P % d.world:
         raise SystemExit(f"--prompts-per-step {P} must be a multiple of the world size {d.world} (groups are not "
@@ -627,9 +634,6 @@ def show(bar, row: dict) -> None:
 
 def main(argv: list[str] | None = None) -> Path:
     s = common.parse_settings(Settings, argv)
-    for k, v in PAPER_DEFAULTS[s.task].items():   # task-dependent paper defaults, written resolved to config.json
-        if getattr(s, k) is None:
-            setattr(s, k, v)
     d = common.init_distributed()
     compute_dtype = common.compute_dtype(s.precision, d.device)
     s.precision = "bf16" if compute_dtype == torch.bfloat16 else "fp32"   # resolved, as config.json says
