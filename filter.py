@@ -1,4 +1,4 @@
-"""World-model SFT and RWML's "too easy" subsampling (paper §2.2, ../shared/PAPER.md).
+"""World-model SFT and RWML's "too easy" subsampling (paper §2.2).
 
     python filter.py --triples runs/collect/triples_train.jsonl --val-triples runs/collect/triples_val.jsonl
         1. SFT a filter model on the validation triples (supervised next-state prediction)
@@ -93,7 +93,7 @@ def mark(triple_id: str, hits: int, keep_p: float, seed: int, min_hits: int = 1)
 # Data
 
 def load_triples(path) -> list[dict]:
-    """Triples (DESIGN.md format); rows of a filtered.jsonl with kept=false are skipped. Ids must be unique:
+    """Triples (common.TRIPLE_KEYS); rows of a filtered.jsonl with kept=false are skipped. Ids must be unique:
     resuming matches rows by id."""
     rows = [r for r in common.read_jsonl(path, common.TRIPLE_KEYS) if r.get("kept", True)]
     seen = set()

@@ -175,7 +175,7 @@ def wm_next_state(step: dict) -> tuple[str, dict]:
 
 
 def episode_triples(episode: dict, history: int) -> list[dict]:
-    """RWML triples (paper §2.2, DESIGN.md): one per valid step that the env answered (τ² can end a conversation
+    """RWML triples (paper §2.2; common.TRIPLE_KEYS): one per valid step that the env answered (τ² can end a conversation
     with no reply, e.g. on the agent's `done` or at its step limit: nothing to predict), <last `history` turns,
     state, action, next state>. Text games drop invalid actions (paper); τ² keeps a tool call it executed but
     answered with an error (a real transition, and what teaches the model which calls fail), and drops only

@@ -1,13 +1,17 @@
 """GRPO for the world model (RWML, paper §2.2) and for the policy (task-success RL), in one flat script.
 
-  python train_rwml.py --task wm --data runs/filter/filtered.jsonl --val-data runs/collect/triples_val.jsonl \
-      --model smollm2-135m --out-dir runs/rwml
-  python train_rwml.py --task policy --env alfworld --model runs/rwml/ckpt/step_000100 --max-steps 300 --out-dir runs/policy
+  python train_rwml.py --config configs/alfworld_wm.json --data runs/filter/filtered.jsonl \
+      --val-data runs/collect/triples_val.jsonl --model smollm2-135m --out-dir runs/rwml
+  python train_rwml.py --config configs/alfworld_policy.json --model runs/rwml --out-dir runs/policy
   torchrun --nproc_per_node 8 train_rwml.py ...     # FSDP2; each rank owns a contiguous shard of the step's groups
 
-One step: G responses per prompt (wm) or G episodes per task (policy) from the generation model -> rewards ->
-group advantages -> `ppo_epochs` optimizer steps of the clipped GRPO loss on the exact sampled token ids (prompt ids
-+ response ids as sampled, never re-tokenized text; the loss mask covers the model's own tokens only).
+Read top to bottom: Settings (the defaults are the paper's world-model stage; configs/ holds the presets), the
+loss (grpo_loss: edit it for an ablation), the two tasks (wm_rollouts, policy_rollouts), models, the update
+(grpo_update) and main, whose loop reads: generate and reward -> group advantages -> update -> log.
+
+One step: G responses per prompt (wm) or G episodes per task (policy) from the sampler -> one reward per group
+member -> group advantages -> `ppo_epochs` optimizer steps of the clipped GRPO loss on the exact sampled token ids
+(prompt ids + response ids as sampled, never re-tokenized text; the loss mask covers the model's own tokens only).
 
 Shared prompts (--share-prompt, default): the G responses to one prompt train in one tree row that holds the prompt
 once (common.pack_shared: each response attends to the prompt and to itself, at its own positions), so the policy,
@@ -24,7 +28,7 @@ one is the trained model; with LoRA the model is the merged one and the adapters
 
 Precision (--precision): one recipe for one process and for FSDP2: fp32 master weights, gradients and optimizer
 state; forward/backward on bf16 copies of the weights (bf16); generation and the reference model in bf16.
-Diagnostics (issue 12) run every step; alarms go to the console and to the "alarms" key of metrics.jsonl.
+diagnostics.py checks every step; alarms go to the console and to the "alarms" key of metrics.jsonl.
 """
 from __future__ import annotations
 
@@ -47,7 +51,6 @@ import prompts
 import rollout
 from kernels import group_advantages
 from kernels import grpo_loss as fused_grpo_loss
-
 
 
 @dataclass

@@ -31,7 +31,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, isw_ptr, ro
     base = row.to(tl.int64) * T
     cols = tl.arange(0, BLOCK_T)
     a = tl.load(adv_ptr + row).to(tl.float32)
-    w = tl.load(row_w_ptr + row).to(tl.float32)  # the aggregation's weight for this sequence's tokens
+    w = tl.load(row_w_ptr + row)  # the aggregation's weight for this sequence's tokens (fp32)
     loss = 0.0
     n_low = 0.0
     n_high = 0.0
@@ -86,7 +86,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
         out = torch.empty(5, b, dtype=torch.float32, device=logp.device)
         _grpo_loss_kernel[(b,)](
             logp, old_logp, logp if ref_logp is None else ref_logp, adv, mask,
-            logp if is_weight is None else is_weight, row_weight, grad, out, b, t,
+            logp if is_weight is None else is_weight, row_weight.to(torch.float32).contiguous(), grad, out, b, t,
             clip_low, clip_high, beta, HAS_REF=ref_logp is not None, HAS_ISW=is_weight is not None,
             BLOCK_T=min(triton.next_power_of_2(t), 1024))
         ctx.save_for_backward(grad)
