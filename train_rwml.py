@@ -367,7 +367,8 @@ def load_models(s: Settings, d: common.Dist, compute_dtype: torch.dtype):
     sampler = copy.deepcopy(policy).to(compute_dtype) if d.world > 1 else None   # before sharding: full parameters
     policy_logprobs = common.wrap_for_training(policy, d, compute_dtype)
     reference_logprobs = common.TokenLogprobs(reference) if reference is not None else None
-    return policy, policy_logprobs, reference_logprobs, sampler or policy_logprobs.lm, tokenizer
+    sampler = policy_logprobs.lm if sampler is None else sampler
+    return policy, policy_logprobs, reference_logprobs, sampler, tokenizer
 
 
 def make_optimizer(s: Settings, params, total_updates: int):
