@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import common
@@ -33,19 +33,19 @@ import prompts
 @dataclass
 class Settings:
     """Step time and peak memory: train_rwml.py with and without --share-prompt vs TRL's GRPOTrainer."""
-    model: str = field(default="smollm2-135m", metadata={"help": "model every side trains"})
-    prompts: int = field(default=8, metadata={"help": "prompts per step (real ALFWorld world-model triples)"})
-    group_sizes: str = field(default="8,4", metadata={"help": "G completions per prompt, comma-separated"})
-    trl_group_size: int = field(default=8, metadata={"help": "the G at which TRL runs (once)"})
-    max_new_tokens: int = field(default=64, metadata={"help": "completion length cap"})
-    micro_batch: int = field(default=8, metadata={"help": "sequences per forward/backward"})
-    warmup: int = field(default=1, metadata={"help": "untimed steps first"})
-    steps: int = field(default=2, metadata={"help": "timed steps"})
-    sides: str = field(default="shared,plain,trl", metadata={"help": "comma-separated: shared, plain, trl"})
-    data_dir: str = field(default="", metadata={"help": "ALFWorld data dir ('' = $ALFWORLD_DATA)"})
-    side: str = field(default="", metadata={"help": "internal: the one side a child process runs"})
-    group_size: int = field(default=0, metadata={"help": "internal: the child's G"})
-    out_dir: str = field(default="runs/bench_step", metadata={"help": "work dir (data, every run)"})
+    model: str = common.flag("smollm2-135m", "model every side trains")
+    prompts: int = common.flag(8, "prompts per step (real ALFWorld world-model triples)")
+    group_sizes: str = common.flag("8,4", "G completions per prompt, comma-separated")
+    trl_group_size: int = common.flag(8, "the G at which TRL runs (once)")
+    max_new_tokens: int = common.flag(64, "completion length cap")
+    micro_batch: int = common.flag(8, "sequences per forward/backward")
+    warmup: int = common.flag(1, "untimed steps first")
+    steps: int = common.flag(2, "timed steps")
+    sides: str = common.flag("shared,plain,trl", "comma-separated: shared, plain, trl")
+    data_dir: str = common.flag("", "ALFWorld data dir ('' = $ALFWORLD_DATA)")
+    side: str = common.flag("", "internal: the one side a child process runs")
+    group_size: int = common.flag(0, "internal: the child's G")
+    out_dir: str = common.flag("runs/bench_step", "work dir (data, every run)")
 
 
 def alfworld_triples(n: int, data_dir: str | None = None, split: str = "train", steps: int = 3,
@@ -58,7 +58,7 @@ def alfworld_triples(n: int, data_dir: str | None = None, split: str = "train", 
         return [common.Sample([], [], f"<think></think><action>{i['gold']}</action>", [], True) for i in infos]
     suite = rollout.make_suite("alfworld", split, data_dir=data_dir)
     episodes = rollout.run_episodes(gold, suite, [(t, 0) for t in suite.task_ids[:n]], env="alfworld", split=split,
-                                    max_steps=steps, history=history, batch_size=n)
+                                    max_env_steps=steps, history=history, batch_size=n)
     return [rollout.episode_triples(ep, history)[-1] for ep in episodes]
 
 

@@ -1,6 +1,6 @@
 """Agent rollouts -> episodes.jsonl -> world-model triples (RWML paper §2.2).
 
-The target model plays the env itself: `rollouts` episodes per task at temperature 1.0, up to `max_steps` steps;
+The target model plays the env itself: `rollouts` episodes per task at temperature 1.0, up to `max_env_steps` steps;
 every step with a valid action becomes a triple <last `history` turns, state, action, next state>. Triples are split
 90/10 at random, seeded (the paper; --val-split tasks: by task, so validation tasks are unseen); the validation part
 trains filter.py's filter model.
@@ -28,15 +28,16 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from common import (MetricsLogger, Sample, append_jsonl, check_resume, init_distributed, load_model, parse_settings,
-                    pick_tasks, print0, read_jsonl, read_jsonl_resumable, save_config, seed_everything, write_jsonl)
+from common import (MetricsLogger, Sample, append_jsonl, check_resume, flag, init_distributed, load_model,
+                    parse_settings, pick_tasks, print0, read_jsonl, read_jsonl_resumable, save_config, seed_everything,
+                    write_jsonl)
 from envs.base import EnvPool
 from prompts import format_reply, parse_action
 from rollout import (STEP_INFO, episode_triples, is_transition, make_suite, model_actor, run_episodes, step_messages,
@@ -46,57 +47,53 @@ from rollout import (STEP_INFO, episode_triples, is_transition, make_suite, mode
 @dataclass
 class Settings:
     """Collect agent rollouts and turn them into world-model triples (RWML §2.2)."""
-    env: str = field(default="alfworld", metadata={"choices": ["alfworld", "twx", "tau2"]})
-    split: str = field(default="train", metadata={"help": "env split (alfworld: train | valid_seen | valid_unseen)"})
-    model: str = field(default="smollm2-135m", metadata={"help": "tiny | smollm2-135m | HF id | checkpoint dir"})
-    rollouts: int = field(default=3, metadata={"help": "episodes per task (paper: 3)"})
-    max_steps: int = field(default=30, metadata={"help": "steps per episode (paper: 30)"})
-    history: int = field(default=2, metadata={"help": "past turns in the prompt and the triple (paper: 2 "
-                                                      "ALFWorld, 5 τ²: pass --history 5 with --env tau2)"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (paper: 1.0)"})
-    top_p: float = 1.0
-    max_new_tokens: int = field(default=512, metadata={"help": "response length cap per step (paper: 512)"})
-    n_tasks: int | None = field(default=None, metadata={"help": "a seeded sample of this many tasks (none = all)"})
-    task_type: str | None = field(default=None, metadata={"help": "only tasks of this type (alfworld: e.g. "
-                                                                  "pick_and_place_simple; twx: a game, e.g. coin; "
-                                                                  "tau2: a domain, airline | retail | telecom)"})
-    user_model: str = field(default="smollm2-135m", metadata={"help": "τ² user simulator: a local model (tiny | "
-                                                                      "smollm2-135m | HF id | path) or "
-                                                                      "litellm:<name>, e.g. litellm:gpt-4.1; a "
-                                                                      "comma list splits the rollouts into blocks "
-                                                                      "(paper: 3 + 3 with two simulators)"})
-    seed: int = 0
-    out_dir: str = "runs/collect"
-    batch_size: int = field(default=16, metadata={"help": "episodes played at once (one generate call per step)"})
-    n_workers: int = field(default=0, metadata={"help": "env worker processes (0 = envs in this process)"})
-    val_frac: float = field(default=0.1, metadata={"help": "fraction of the triples (or tasks) in triples_val"})
-    val_split: str = field(default="triples", metadata={"choices": ["triples", "tasks"], "help": "triples: a seeded "
-                                                        "random 90/10 of the triples (paper); tasks: whole tasks on "
-                                                        "each side"})
-    explore: float = field(default=0.0, metadata={"help": "probability that a step takes a random admissible "
-                                                          "action instead of the model's (0 = paper; a model too "
-                                                          "small to follow the format yields no triples without it)"})
-    policy: str = field(default="model", metadata={"choices": ["model", "expert"], "help": "who acts: model = "
-                        "--model's samples (paper); expert = the env's gold action (ALFWorld: the walkthrough, then "
-                        "alfworld's hand-coded expert; TextWorld-Express: the gold path; τ²: the task's required tool "
-                        "calls, then its `done` stop call), no model needed: Early Experience's expert data"})
-    alternatives: int = field(default=0, metadata={"help": "K: from every state where the episode took a valid "
-                              "action, also take K other actions, each from a replay of the episode up to that state "
-                              "(IWM / SR data: triples_alt.jsonl); 0 = off"})
-    alternative_source: str = field(default="random", metadata={"choices": ["random", "model"], "help": "random: K "
-                                    "distinct admissible actions other than the one taken (text games); model: K "
-                                    "samples of --model at --temperature from the agent's prompt (Early Experience's "
-                                    "starting policy), distinct, other than the one taken; in text games the "
-                                    "non-admissible ones are dropped unplayed (their triples would be)"})
+    env: str = flag("alfworld", "environment", ["alfworld", "twx", "tau2"])
+    split: str = flag("train", "env split (alfworld: train | valid_seen | valid_unseen)")
+    model: str = flag("smollm2-135m", "tiny | smollm2-135m | HF id | checkpoint dir")
+    rollouts: int = flag(3, "episodes per task (paper: 3)")
+    max_env_steps: int = flag(30, "steps per episode (paper: 30)")
+    history: int = flag(2, "past turns in the prompt and the triple (paper: 2 ALFWorld, 5 τ²: pass --history 5 "
+                           "with --env tau2)")
+    temperature: float = flag(1.0, "sampling temperature (paper: 1.0)")
+    top_p: float = flag(1.0, "nucleus sampling")
+    max_new_tokens: int = flag(512, "response length cap per step (paper: 512)")
+    n_tasks: int | None = flag(None, "a seeded sample of this many tasks (none = all)")
+    task_type: str | None = flag(None, "only tasks of this type (alfworld: e.g. pick_and_place_simple; twx: a game, "
+                                       "e.g. coin; tau2: a domain, airline | retail | telecom)")
+    user_model: str = flag("smollm2-135m", "τ² user simulator: a local model (tiny | smollm2-135m | HF id | path) or "
+                                           "litellm:<name>, e.g. litellm:gpt-4.1; a comma list splits the rollouts "
+                                           "into blocks (paper: 3 + 3 with two simulators)")
+    seed: int = flag(0, "task sample, sampling, exploration and the train/val split")
+    out_dir: str = flag("runs/collect", "episodes.jsonl, triples*.jsonl, stats.json, metrics.jsonl, config.json")
+    batch_size: int = flag(16, "episodes played at once (one generate call per step)")
+    n_workers: int = flag(0, "env worker processes (0 = envs in this process)")
+    val_frac: float = flag(0.1, "fraction of the triples (or tasks) in triples_val")
+    val_split: str = flag("triples", "triples: a seeded random 90/10 of the triples (paper); tasks: whole tasks on "
+                                     "each side", ["triples", "tasks"])
+    explore: float = flag(0.0, "probability that a step takes a random admissible action instead of the model's "
+                               "(0 = paper; a model too small to follow the format yields no triples without it)")
+    policy: str = flag("model", "who acts: model = --model's samples (paper); expert = the env's gold action "
+                       "(ALFWorld: the walkthrough, then alfworld's hand-coded expert; TextWorld-Express: the gold "
+                       "path; τ²: the task's required tool calls, then its `done` stop call), no model needed: Early "
+                       "Experience's expert data", ["model", "expert"])
+    alternatives: int = flag(0, "K: from every state where the episode took a valid action, also take K other "
+                                "actions, each from a replay of the episode up to that state (IWM / SR data: "
+                                "triples_alt.jsonl); 0 = off")
+    alternative_source: str = flag("random", "random: K distinct admissible actions other than the one taken (text "
+                                             "games); model: K samples of --model at --temperature from the agent's "
+                                             "prompt (Early Experience's starting policy), distinct, other than the "
+                                             "one taken; in text games the non-admissible ones are dropped unplayed "
+                                             "(their triples would be)", ["random", "model"])
 
 
 # settings that change what an episode is: a rerun into the same out_dir must keep them
-SAME_ON_RESUME = ("env", "split", "model", "max_steps", "history", "temperature", "top_p", "max_new_tokens",
-                  "task_type", "seed", "explore", "user_model", "policy", "alternatives", "alternative_source")
+SAME_ON_RESUME = ("env", "split", "model", "max_env_steps", "history", "temperature", "top_p", "max_new_tokens",
+                  "task_type", "seed", "explore", "user_model", "policy", "alternatives",
+                  "alternative_source")
 
 
 def check_settings(s: Settings) -> None:
-    bounds = {"rollouts": 1, "max_steps": 1, "history": 0, "max_new_tokens": 1, "batch_size": 1, "n_workers": 0,
+    bounds = {"rollouts": 1, "max_env_steps": 1, "history": 0, "max_new_tokens": 1, "batch_size": 1, "n_workers": 0,
               "alternatives": 0}
     bad = [f"--{k.replace('_', '-')} must be >= {lo}, got {getattr(s, k)}" for k, lo in bounds.items()
            if getattr(s, k) < lo]
@@ -406,7 +403,7 @@ def main(s: Settings, act=None) -> dict | None:
     try:
         for user_model, user_suite in suites.items():
             run_episodes(timed_act, user_suite, [job for job in todo if user_model_of(s, job[1]) == user_model],
-                         env=s.env, split=s.split, model=who, max_steps=s.max_steps, history=s.history,
+                         env=s.env, split=s.split, model=who, max_env_steps=s.max_env_steps, history=s.history,
                          n_workers=s.n_workers, batch_size=s.batch_size, on_done=save)
     except KeyboardInterrupt:
         print0(f"\ninterrupted: {counts['episodes']} finished episodes are saved in {part}; rerun to resume")

@@ -496,6 +496,11 @@ class DataError(ValueError):
     """Bad input data; the message starts with file:line."""
 
 
+# The keys of a world-model triple row (rollout.episode_triples writes them; filter.py, train_rwml.py and
+# evaluate.py read them with read_jsonl(path, TRIPLE_KEYS)).
+TRIPLE_KEYS = ("id", "env", "instruction", "history", "state", "action", "next_state", "next_kind")
+
+
 def read_jsonl(path, required: tuple[str, ...] = ()) -> list[dict]:
     path = Path(path)
     if not path.exists():
@@ -588,41 +593,52 @@ def flag(default, help: str = "", choices=None):
 
 
 def parse_settings(cls, argv: list[str] | None = None):
-    """Fields become --flags (bools: --x / --no-x). `--config file.json` sets defaults first; an unknown key
-    there or an unknown flag is an error naming it. Field metadata may carry "help" and "choices"."""
+    """Fields become --flags (bools: --x / --no-x). Precedence: a flag given on the command line, then the
+    `--config file.json` value, then the field's default. An unknown key there, a value of the wrong type or
+    outside the field's choices, or an unknown flag is an error naming it. Field metadata: "help", "choices"."""
     hints = typing.get_type_hints(cls)
-    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(), allow_abbrev=False)
+    # every default is SUPPRESS: the parsed namespace holds exactly the flags given, even one given at its default
+    parser = argparse.ArgumentParser(description=(cls.__doc__ or "").strip(), allow_abbrev=False,
+                                     argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="JSON file of settings (flags given here override it)")
+    convert = {}
     for f in dataclasses.fields(cls):
         typ = hints[f.name]
         optional = typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
             and type(None) in typing.get_args(typ)
         base = next((a for a in typing.get_args(typ) if a is not type(None)), typ) if optional else typ
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
-        kw = dict(default=default, help=f.metadata.get("help", ""), choices=f.metadata.get("choices"))
+        text = f"{f.metadata.get('help', '')} (default: {default})".lstrip()
+        name = f"--{f.name.replace('_', '-')}"
         if base is bool:
-            parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=kw["help"])
+            parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, help=text)
+            convert[f.name] = (bool, False, None)
             continue
         conv = base
         if optional:
             conv = lambda s, b=base: None if s.lower() in ("none", "null", "") else b(s)  # noqa: E731
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=conv, **kw)
-    args = parser.parse_args(argv)
-    values = vars(args)
-    if args.config:
-        known = {f.name for f in dataclasses.fields(cls)}
+        parser.add_argument(name, dest=f.name, type=conv, help=text, choices=f.metadata.get("choices"))
+        convert[f.name] = (base, optional, f.metadata.get("choices"))
+    given = vars(parser.parse_args(argv))
+    path = given.pop("config", None)
+    values = {}
+    if path:
         try:
-            loaded = json.loads(Path(args.config).read_text())
+            loaded = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as e:
-            parser.error(f"--config {args.config}: {e}")
+            parser.error(f"--config {path}: {e}")
         for k, v in loaded.items():
-            if k not in known:
-                parser.error(f"{args.config}: unknown setting {k!r}")
-            if values[k] == parser.get_default(k):  # the flag was not given: the file's value stands
-                values[k] = v
-    values.pop("config")
-    return cls(**values)
+            if k not in convert:
+                parser.error(f"{path}: unknown setting {k!r}")
+            base, optional, choices = convert[k]
+            if base is float and type(v) is int:
+                v = float(v)
+            if not (isinstance(v, base) and (base is bool or type(v) is not bool) or v is None and optional):
+                parser.error(f"{path}: {k} = {v!r} is not a {base.__name__}")
+            if choices and v not in choices:
+                parser.error(f"{path}: {k} = {v!r}: choose from {', '.join(map(str, choices))}")
+            values[k] = v
+    return cls(**{**values, **given})
 
 
 def save_config(settings, out_dir) -> None:
@@ -642,6 +658,14 @@ def check_resume(settings, out_dir, keys: tuple[str, ...]) -> None:
     if changed:
         raise SystemExit(f"{out_dir} holds a run with other settings ({'; '.join(changed)}): "
                          "use another --out-dir or delete it")
+
+
+@functools.lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """A seeded shuffle of range(n) for one epoch (a str seed hashes stably across runs and processes)."""
+    order = list(range(n))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return tuple(order)
 
 
 def sample_rows(rows: list, n: int | None, seed: int) -> list:

@@ -37,14 +37,14 @@ import re
 import time
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from common import (_resolve, append_jsonl, chat_ids, check_resume, compute_dtype, generate, load_model, parse_settings,
-                    pick_tasks, read_jsonl, read_jsonl_resumable, sample_rows, save_config, seed_everything,
-                    sequence_logprobs, write_jsonl)
+from common import (TRIPLE_KEYS, _resolve, append_jsonl, chat_ids, check_resume, compute_dtype, flag, generate, load_model,
+                    parse_settings, pick_tasks, read_jsonl, read_jsonl_resumable, sample_rows, save_config,
+                    seed_everything, sequence_logprobs, write_jsonl)
 
 PROBE = Path(__file__).resolve().parent / "data" / "general_probe.jsonl"
 
@@ -52,76 +52,60 @@ PROBE = Path(__file__).resolve().parent / "data" / "general_probe.jsonl"
 @dataclass
 class Settings:
     """Evaluate a checkpoint (agent success, world-model accuracy, weight change) or write a report."""
-    what: str = field(default="agent", metadata={"choices": ["agent", "wm", "weights", "forgetting", "arms",
-                                                             "report"],
-                                                 "help": "what to evaluate"})
-    model: str = field(default="smollm2-135m", metadata={"help": "tiny | smollm2-135m | HF id | checkpoint dir"})
-    out_dir: str = "runs/eval"
-    seed: int = 0
+    what: str = flag("agent", "what to evaluate", ["agent", "wm", "weights", "forgetting", "arms", "report"])
+    model: str = flag("smollm2-135m", "tiny | smollm2-135m | HF id | checkpoint dir")
+    out_dir: str = flag("runs/eval", "results.json, config.json (+ episodes.jsonl / predictions.jsonl)")
+    seed: int = flag(0, "task and triple samples, sampling")
     # agent
-    env: str = field(default="alfworld", metadata={"choices": ["alfworld", "twx", "tau2"]})
-    split: str = field(default="valid_seen", metadata={"help": "alfworld: train | valid_seen (ID) | valid_unseen (OOD)"})
-    n_tasks: int | None = field(default=None, metadata={"help": "a seeded sample of this many tasks (none = all)"})
-    rollouts: int = field(default=3, metadata={"help": "episodes per task (paper: Table 1 is the mean of 3 runs)"})
-    greedy: bool = field(default=False, metadata={"help": "one greedy episode per task (sets --temperature 0 "
-                                                          "--rollouts 1)"})
-    max_steps: int = field(default=30, metadata={"help": "paper: 30 at evaluation"})
-    history: int = field(default=2, metadata={"help": "past turns in the agent prompt (paper: 2 ALFWorld, 5 τ²)"})
-    n_workers: int = field(default=0, metadata={"help": "env worker processes (0 = in this process)"})
-    task_type: str | None = field(default=None, metadata={"help": "only tasks of this type (alfworld: e.g. "
-                                                                  "pick_and_place_simple; twx: a game; tau2: a "
-                                                                  "domain, airline | retail | telecom)"})
-    user_model: str = field(default="smollm2-135m", metadata={"help": "τ² user simulator: a local model (tiny | "
-                                                                      "smollm2-135m | HF id | path) or "
-                                                                      "litellm:<name> (paper's official eval: "
-                                                                      "litellm:gpt-4.1)"})
+    env: str = flag("alfworld", "environment", ["alfworld", "twx", "tau2"])
+    split: str = flag("valid_seen", "alfworld: train | valid_seen (ID) | valid_unseen (OOD)")
+    n_tasks: int | None = flag(None, "a seeded sample of this many tasks (none = all)")
+    rollouts: int = flag(3, "episodes per task (paper: Table 1 is the mean of 3 runs)")
+    greedy: bool = flag(False, "one greedy episode per task (sets --temperature 0 --rollouts 1)")
+    max_env_steps: int = flag(30, "steps per episode (paper: 30 at evaluation)")
+    history: int = flag(2, "past turns in the agent prompt (paper: 2 ALFWorld, 5 τ²)")
+    n_workers: int = flag(0, "env worker processes (0 = in this process)")
+    task_type: str | None = flag(None, "only tasks of this type (alfworld: e.g. pick_and_place_simple; twx: a game; "
+                                       "tau2: a domain, airline | retail | telecom)")
+    user_model: str = flag("smollm2-135m", "τ² user simulator: a local model (tiny | smollm2-135m | HF id | path) or "
+                                           "litellm:<name> (paper's official eval: litellm:gpt-4.1)")
     # generation (agent and wm)
-    temperature: float | None = field(default=None, metadata={"help": "0 = greedy; none = 1.0 for agent (the paper "
-                                                                       "samples at 1.0 in collection and RL; it does "
-                                                                       "not state eval's), greedy for wm"})
-    top_p: float = 1.0
-    max_new_tokens: int = field(default=512, metadata={"help": "response length cap (paper: 512)"})
-    batch_size: int = 16
-    precision: str | None = field(default=None, metadata={"choices": ["fp32", "bf16"], "help": "generation and "
-                                                          "scoring dtype; none = bf16 on CUDA, fp32 on CPU"})
+    temperature: float | None = flag(None, "0 = greedy; none = 1.0 for agent (the paper samples at 1.0 in "
+                                           "collection and RL; it does not state eval's), greedy for wm")
+    top_p: float = flag(1.0, "nucleus sampling")
+    max_new_tokens: int = flag(512, "response length cap (paper: 512)")
+    batch_size: int = flag(16, "episodes played / prompts generated at once")
+    precision: str | None = flag(None, "generation and scoring dtype; none = bf16 on CUDA, fp32 on CPU",
+                                 ["fp32", "bf16"])
     # wm
-    triples: str = field(default="", metadata={"help": "held-out triples JSONL (collect.py's triples_val.jsonl)"})
-    n_triples: int | None = field(default=None, metadata={"help": "a seeded random sample of this many triples "
-                                                                  "(none = all)"})
-    wm_prompt: str = field(default="rwml", metadata={"choices": ["rwml", "sft"], "help": "the prompt the checkpoint "
-                                                     "was trained with: rwml = reason then predict; sft = the WM SFT "
-                                                     "prompt (filter.py --sft-prompt paper)"})
-    embedder: str = field(default="minilm", metadata={"help": "minilm | sentence-transformers id (paper: "
-                                                              "Qwen/Qwen3-Embedding-8B)"})
-    embed_instruction: str = field(default="auto", metadata={"help": "truth-side instruction: auto (if an "
-                                                                      "instruct embedder) | none | text"})
-    tau_d: float = field(default=0.2, metadata={"help": "RWML threshold for observations (paper: 0.2 ALFWorld)"})
-    tau_d_user: float = field(default=0.4, metadata={"help": "RWML threshold for τ² user replies (paper: 0.4)"})
-    max_state_tokens: int = field(default=100, metadata={"help": "truncate predictions before scoring (100 ALFWorld, "
-                                                                 "512 τ²)"})
+    triples: str = flag("", "held-out triples JSONL (collect.py's triples_val.jsonl)")
+    n_triples: int | None = flag(None, "a seeded random sample of this many triples (none = all)")
+    wm_prompt: str = flag("rwml", "the prompt the checkpoint was trained with: rwml = reason then predict; sft = the "
+                                  "WM SFT prompt (filter.py --sft-prompt paper)", ["rwml", "sft"])
+    embedder: str = flag("minilm", "minilm | sentence-transformers id (paper: Qwen/Qwen3-Embedding-8B)")
+    embed_instruction: str = flag("auto", "truth-side instruction: auto (if an instruct embedder) | none | text")
+    tau_d: float = flag(0.2, "RWML threshold for observations (paper: 0.2 ALFWorld)")
+    tau_d_user: float = flag(0.4, "RWML threshold for τ² user replies (paper: 0.4)")
+    max_state_tokens: int = flag(100, "truncate predictions before scoring (100 ALFWorld, 512 τ²)")
     # weights
-    base: str = field(default="", metadata={"help": "base model the checkpoint started from: a dir (streamed, "
-                                                    "e.g. a 7B's local snapshot) or a name (loaded on CPU)"})
-    eta: float = field(default=1e-3, metadata={"help": "relative change threshold (paper §4.2: 1e-3)"})
+    base: str = flag("", "base model the checkpoint started from: a dir (streamed, e.g. a 7B's local snapshot) or a "
+                         "name (loaded on CPU)")
+    eta: float = flag(1e-3, "relative change threshold (paper §4.2: 1e-3)")
     # forgetting
-    probe: str = field(default=str(PROBE), metadata={"help": "general-ability probe JSONL: id, prompt, answer (whose "
-                                                             "NLL is measured), accept (strings a correct greedy "
-                                                             "answer contains)"})
-    probe_max_new_tokens: int = field(default=32, metadata={"help": "greedy answer length for the contains check"})
+    probe: str = flag(str(PROBE), "general-ability probe JSONL: id, prompt, answer (whose NLL is measured), accept "
+                                  "(strings a correct greedy answer contains)")
+    probe_max_new_tokens: int = flag(32, "greedy answer length for the contains check")
     # arms: every evaluation of several models in one process
-    arms: str = field(default="", metadata={"help": "name=model,... (names: base, wm_sft, rwml, policy, rwml_policy, "
-                                                    "wm_sft_policy); results in out_dir/<name>/<evaluation>/"})
-    evals: str = field(default="wm,forgetting,agent,weights", metadata={"help": "evaluations each arm runs"})
-    agent_splits: str = field(default="valid_seen,valid_unseen", metadata={"help": "env splits each arm plays"})
-    start_arm: str = field(default="base", metadata={"help": "the arm the others started from: its model is the "
-                                                             "default --base, and the report gives each arm's "
-                                                             "forgetting NLL as a change against it"})
+    arms: str = flag("", "name=model,... (names: base, wm_sft, rwml, policy, rwml_policy, wm_sft_policy); results in "
+                         "out_dir/<name>/<evaluation>/")
+    evals: str = flag("wm,forgetting,agent,weights", "evaluations each arm runs")
+    agent_splits: str = flag("valid_seen,valid_unseen", "env splits each arm plays")
+    start_arm: str = flag("base", "the arm the others started from: its model is the default --base, and the report "
+                                  "gives each arm's forgetting NLL as a change against it")
     # report
-    runs: str = field(default="", metadata={"help": "name=eval_dir,... : table rows, each from the results.json "
-                                                    "files under eval_dir"})
-    curves: str = field(default="", metadata={"help": "name=run_dir_or_metrics.jsonl,... : training curves to plot"})
-    stages: str = field(default="", metadata={"help": "the pipeline's out dir: its */DONE files (run.sh writes '<N> "
-                                                      "s') give the stage times"})
+    runs: str = flag("", "name=eval_dir,... : table rows, each from the results.json files under eval_dir")
+    curves: str = flag("", "name=run_dir_or_metrics.jsonl,... : training curves to plot")
+    stages: str = flag("", "the pipeline's out dir: its */DONE files (run.sh writes '<N> s') give the stage times")
 
 
 def eval_model(s: Settings, name: str):
@@ -248,7 +232,7 @@ def evaluate_agent(s: Settings, lm=None) -> dict:
     if s.n_tasks is not None and s.n_tasks < 1 or s.rollouts < 1:
         raise SystemExit(f"--n-tasks ({s.n_tasks}) and --rollouts ({s.rollouts}) must be at least 1")
     out = Path(s.out_dir)
-    check_resume(s, out, ("model", "env", "split", "max_steps", "history", "temperature", "top_p",
+    check_resume(s, out, ("model", "env", "split", "max_env_steps", "history", "temperature", "top_p",
                           "max_new_tokens", "seed", "task_type", "user_model"))
     save_config(s, out)
     suite = make_suite(s.env, s.split, task_type=s.task_type, user_model=s.user_model, n_workers=s.n_workers)
@@ -271,7 +255,7 @@ def evaluate_agent(s: Settings, lm=None) -> dict:
             bar.update(1)
 
         try:
-            run_episodes(act, suite, todo, env=s.env, split=s.split, model=s.model, max_steps=s.max_steps,
+            run_episodes(act, suite, todo, env=s.env, split=s.split, model=s.model, max_env_steps=s.max_env_steps,
                          history=s.history, n_workers=s.n_workers, batch_size=s.batch_size, on_done=save)
         finally:
             bar.close()
@@ -294,7 +278,6 @@ def evaluate_agent(s: Settings, lm=None) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # World model: one prediction per held-out triple, scored by the RWML reward
 
-TRIPLE_KEYS = ("id", "env", "instruction", "history", "state", "action", "next_state", "next_kind")
 # what a finished wm evaluation must share with a rerun to be reused
 WM_KEYS = ("model", "triples", "n_triples", "seed", "temperature", "top_p", "max_new_tokens", "embedder", "tau_d",
            "tau_d_user", "max_state_tokens", "wm_prompt", "embed_instruction", "precision")

@@ -1,4 +1,4 @@
-"""World-model SFT and RWML's "too easy" subsampling (paper §2.2, ../shared/PAPER.md).
+"""World-model SFT and RWML's "too easy" subsampling (paper §2.2).
 
     python filter.py --triples runs/collect/triples_train.jsonl --val-triples runs/collect/triples_val.jsonl
         1. SFT a filter model on the validation triples (supervised next-state prediction)
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +74,8 @@ class Settings:
     batch_size: int = common.flag(32, "effective batch (triples per optimizer step, all ranks together)")
     micro_batch: int = common.flag(4, "triples per forward/backward on one rank; accumulation fills the batch")
     grad_clip: float = common.flag(1.0, "max global grad norm (0: off)")
-    max_prompt_tokens: int = common.flag(1500, "longer prompts are left-truncated (the oldest history goes first)")
+    truncate_prompt_tokens: int = common.flag(1500, "longer prompts are left-truncated (the oldest history goes "
+                                                    "first); train_rwml.py --max-prompt-tokens skips them instead")
     save_every: int = common.flag(100, "optimizer steps between checkpoints")
     # stage 2: the filter (paper: K 10, temperature 1.0, strict tau_d 0.1 ALFWorld / 0.15 τ², p 0.1)
     k: int = common.flag(10, "predictions sampled per training triple")
@@ -90,9 +90,6 @@ class Settings:
     reward_max_tokens: int = common.flag(100, "truncate predictions to this many tokens (paper: 100 ALFWorld, 512 τ²)")
     min_hits: int = common.flag(1, "a triple is easy when at least this many of its K predictions hit")
     keep_p: float = common.flag(0.1, "probability of keeping an easy triple")
-
-
-TRIPLE_KEYS = ("id", "env", "instruction", "history", "state", "action", "next_state", "next_kind")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -115,9 +112,9 @@ def mark(triple_id: str, hits: int, keep_p: float, seed: int, min_hits: int = 1)
 # Data
 
 def load_triples(path) -> list[dict]:
-    """Triples (DESIGN.md format); rows of a filtered.jsonl with kept=false are skipped. Ids must be unique:
+    """Triples (common.TRIPLE_KEYS); rows of a filtered.jsonl with kept=false are skipped. Ids must be unique:
     resuming matches rows by id."""
-    rows = [r for r in common.read_jsonl(path, TRIPLE_KEYS) if r.get("kept", True)]
+    rows = [r for r in common.read_jsonl(path, common.TRIPLE_KEYS) if r.get("kept", True)]
     seen = set()
     for r in rows:
         if r["id"] in seen:
@@ -129,27 +126,22 @@ def load_triples(path) -> list[dict]:
 SFT_PROMPT_STYLE = {"paper": "sft", "rwml": "rwml"}  # --sft-prompt -> prompts.wm_messages style
 
 
-def wm_prompts(tokenizer, triples: list[dict], max_prompt_tokens: int, sft_prompt: str = "paper") -> list[list[int]]:
-    """World-model prompt ids, left-truncated to max_prompt_tokens (the oldest history goes first)."""
+def wm_prompts(tokenizer, triples: list[dict], truncate_prompt_tokens: int,
+               sft_prompt: str = "paper") -> list[list[int]]:
+    """World-model prompt ids, left-truncated to truncate_prompt_tokens (the oldest history goes first)."""
     out = [common.chat_ids(tokenizer, prompts.wm_messages(t, SFT_PROMPT_STYLE[sft_prompt])) for t in triples]
-    if cut := sum(len(ids) > max_prompt_tokens for ids in out):
-        common.print0(f"warning: {cut} of {len(triples)} prompts were longer than --max-prompt-tokens "
-                      f"{max_prompt_tokens} and were left-truncated")
-    return [ids[-max_prompt_tokens:] for ids in out]
+    if cut := sum(len(ids) > truncate_prompt_tokens for ids in out):
+        common.print0(f"warning: {cut} of {len(triples)} prompts were longer than --truncate-prompt-tokens "
+                      f"{truncate_prompt_tokens} and were left-truncated")
+    return [ids[-truncate_prompt_tokens:] for ids in out]
 
 
-def sft_examples(tokenizer, triples: list[dict], max_prompt_tokens: int,
+def sft_examples(tokenizer, triples: list[dict], truncate_prompt_tokens: int,
                  sft_prompt: str = "paper") -> list[tuple[list[int], list[int]]]:
     """(prompt ids, label ids) per triple; the label is the WM SFT target + EOS."""
     labels = [tokenizer(prompts.wm_sft_target(t["next_state"]), add_special_tokens=False)["input_ids"]
               + [tokenizer.eos_token_id] for t in triples]
-    return list(zip(wm_prompts(tokenizer, triples, max_prompt_tokens, sft_prompt), labels))
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    order = list(range(n))
-    random.Random(f"{seed}:{epoch}").shuffle(order)  # str seeds are hashed stably
-    return order
+    return list(zip(wm_prompts(tokenizer, triples, truncate_prompt_tokens, sft_prompt), labels))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,7 +248,7 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
         raise ValueError(f"--batch-size {s.batch_size} must be a multiple of --micro-batch {s.micro_batch} "
                          f"x {d.world} rank(s)")
     tok = common.load_tokenizer(s.model)
-    examples = sft_examples(tok, triples, s.max_prompt_tokens, s.sft_prompt)
+    examples = sft_examples(tok, triples, s.truncate_prompt_tokens, s.sft_prompt)
     if s.agent_episodes:
         examples += agent_examples(tok, s.agent_episodes, s.history)
     if s.reflections:
@@ -273,9 +265,9 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
     # fp32 master weights (in bf16 an lr-2e-6 AdamW update is below the rounding step of most weights); forward and
     # backward in the --precision dtype (common.wrap_for_training: one recipe for one process and FSDP2)
     lm, _ = common.load_model(s.model, dtype=torch.float32, device=d.device)
-    scorer = common.wrap_for_training(lm, d, common.compute_dtype(s.precision, d.device))
+    lm_logprobs = common.wrap_for_training(lm, d, common.compute_dtype(s.precision, d.device))
     opt = torch.optim.AdamW(lm.parameters(), lr=s.lr, weight_decay=0.0)   # the fp32 master weights
-    common.sync_after_steps(opt, scorer.lm, lm)
+    common.sync_after_steps(opt, lm_logprobs.lm, lm)
     start = common.load_checkpoint(last, lm, opt)["step"] if last is not None else 0
     if start:
         common.print0(f"resuming SFT from {last} (step {start}/{total})")
@@ -283,14 +275,14 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
     for step in tqdm(range(start, total), desc="sft", initial=start, total=total, disable=not d.main):
         t0 = time.time()
         epoch, b = divmod(step, steps_per_epoch)
-        batch = epoch_order(len(examples), s.seed, epoch)[b * s.batch_size:(b + 1) * s.batch_size]
+        batch = common.epoch_order(len(examples), s.seed, epoch)[b * s.batch_size:(b + 1) * s.batch_size]
         n_tokens = sum(len(examples[i][1]) for i in batch)  # label tokens in the global batch
         mine = batch[d.rank::d.world]
         nll = torch.zeros((), device=d.device)
         for m0 in range(0, len(mine), s.micro_batch):
             ps, ls = zip(*(examples[i] for i in mine[m0:m0 + s.micro_batch]))
             ids, attn, mask = common.pack_batch(list(ps), list(ls), tok.pad_token_id, d.device)
-            logp, _ = scorer(ids, attn, mask)
+            logp, _ = lm_logprobs(ids, attn, mask)
             # mean NLL over the global batch's label tokens; FSDP averages gradients over ranks, so x world
             (-logp.sum() * d.world / n_tokens).backward()
             nll += -logp.detach().sum()
@@ -332,7 +324,7 @@ def score(s: Settings, d: common.Dist, model_path: Path, triples: list[dict], pa
     model, tok = common.load_model(str(model_path), dtype=common.compute_dtype(s.precision, d.device), device=d.device)
     reward = WorldModelReward(s.embedder, tau_d=s.tau_d, tau_d_user=s.tau_d_user, max_tokens=s.reward_max_tokens,
                               embed_instruction=s.embed_instruction, device=str(d.device))
-    prompt_ids = wm_prompts(tok, todo, s.max_prompt_tokens, s.sft_prompt)
+    prompt_ids = wm_prompts(tok, todo, s.truncate_prompt_tokens, s.sft_prompt)
     out = parts / f"rank{d.rank}.jsonl"
     n_scored = n_easy = 0
     chunks = range(0, len(todo), s.triples_per_chunk)

@@ -99,7 +99,7 @@ def make_judge(judge_model: str, device=None, max_new_tokens: int = 64):
 
 def policy_step_rewards(steps: list[dict], won: bool, win_reward: float = 10.0, penalty: float = 0.1,
                         penalize: str = "format") -> list[float]:
-    """Policy RL reward per env step (verl-agent's ALFWorld setting, ../shared/PAPER.md): the last step gets
+    """Policy RL reward per env step (verl-agent's ALFWorld setting, which the paper's policy RL follows): the last step gets
     win_reward·won; a step loses `penalty` when its reply breaks the format (no <think> block or no non-empty
     <action> block, prompts.has_format), whatever the env then made of it. penalize="invalid" (an ablation, our
     first version's rule) instead penalises every step whose action was not valid (not admissible / not accepted).

@@ -82,7 +82,7 @@ def _messages(live: dict, env: str, history: int) -> list[dict]:
 
 
 def run_episodes(act: Act, suite, jobs: list[tuple[str, int]], *, env: str, split: str, model: str = "",
-                 max_steps: int = 30, history: int = 2, n_workers: int = 0, batch_size: int = 16,
+                 max_env_steps: int = 30, history: int = 2, n_workers: int = 0, batch_size: int = 16,
                  on_done: Callable[[dict], None] | None = None) -> list[dict]:
     """Plays every job (task_id, rollout_index) once; returns the episodes in job order.
 
@@ -94,7 +94,7 @@ def run_episodes(act: Act, suite, jobs: list[tuple[str, int]], *, env: str, spli
     agent's prompt listed, in text games); "sample" is the common.Sample
     (token ids and sampler log-probs) and is not JSON: drop it before writing. valid = the reply parsed to an
     admissible action AND the env accepted it; an invalid step still reaches the env, which answers as the game
-    does. `done` is the env's: an episode cut at max_steps ends with done False. on_done(episode) runs as each
+    does. `done` is the env's: an episode cut at max_env_steps ends with done False. on_done(episode) runs as each
     episode finishes.
     """
     if not jobs:
@@ -148,7 +148,7 @@ def run_episodes(act: Act, suite, jobs: list[tuple[str, int]], *, env: str, spli
                 step.update((k, info[k]) for k in STEP_INFO if k in info)
                 state["episode"]["steps"].append(step)
                 state["obs"], state["info"] = next_obs, info
-                if done or len(state["episode"]["steps"]) >= max_steps:
+                if done or len(state["episode"]["steps"]) >= max_env_steps:
                     finish(slot)
     return [finished[i] for i in range(len(jobs))]
 
@@ -200,7 +200,7 @@ def is_transition(step: dict) -> bool:
 
 
 def episode_triples(episode: dict, history: int) -> list[dict]:
-    """RWML triples (paper §2.2, DESIGN.md): one per step that is_transition, <last `history` turns, state, action,
+    """RWML triples (paper §2.2; common.TRIPLE_KEYS): one per step that is_transition, <last `history` turns, state, action,
     next state>. The history counts every earlier step, invalid ones too: it is what the agent saw (τ² uses 5
     turns, ALFWorld 2: collect.py's --history). id = task#rollout#t."""
     return [transition_triple(episode, t, step, history) for t, step in enumerate(episode["steps"])

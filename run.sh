@@ -37,7 +37,7 @@ if [ -z "${ALFWORLD_DATA:-}" ]; then
 fi
 
 if [ "$QUICK" = 1 ]; then
-  # ---- The miniature (edit here for an ablation) ------------------------------------------------------------
+  # ---- The miniature (edit configs/quick/*.json for an ablation) ---------------------------------------------
   # Data: random admissible actions (--explore 1: no model needed, every transition valid). The train games are
   # split by game: a third teaches the cold start, the rest train WM SFT and RWML. World-model accuracy is measured
   # on games of another split (valid_unseen) that no stage trains on; the agent arms play TextWorld-Express coin,
@@ -45,37 +45,25 @@ if [ "$QUICK" = 1 ]; then
   # Cold start = the filter model: a short SFT on the held-back third (the paper's filter model is an SFT on a
   # disjoint 10%) plus format-only agent examples; every arm starts from it, and so does the "base" row.
   OUT=${OUT:-runs/quick}
-  P="--precision bf16"
-  COLLECT="--env alfworld --split train --n-tasks 18 --rollouts 1 --max-steps 10 --explore 1 --val-split tasks \
-           --val-frac 0.34 --n-workers 2"
-  HELDOUT="--env alfworld --split valid_unseen --n-tasks 24 --rollouts 1 --max-steps 10 --explore 1 --val-frac 0 \
-           --n-workers 2"
-  FORMAT="--env twx --split train --task-type coin --n-tasks 8 --rollouts 1 --max-steps 6 --explore 1"
-  FILTER="--epochs 1 --lr 5e-5 --batch-size 8 --micro-batch 8 --sft-prompt rwml --k 4 --max-new-tokens 48 $P"
-  SFT="--epochs 1 --lr 1e-4 --batch-size 8 --micro-batch 8 --sft-prompt rwml $P"
-  RWML="--max-steps 8 --prompts-per-step 4 --group-size 16 --max-new-tokens 48 --micro-batch 32 --lr 3e-5 \
-        --val-size 64 --val-every 4 --save-every 100 $P"
-  POLICY="--env twx --task-type coin --max-steps 2 --prompts-per-step 2 --group-size 4 --max-env-steps 5 \
-          --max-new-tokens 24 --save-every 100 $P"
-  EVAL="--n-triples 200 --max-new-tokens 64 --env twx --task-type coin --agent-splits test --n-tasks 16 \
-        --max-steps 5 --batch-size 32 --greedy $P"
+  Q=configs/quick
+  COLLECT="--config $Q/collect.json"; HELDOUT="--config $Q/heldout.json"; FORMAT="--config $Q/format.json"
+  FILTER="--config $Q/filter.json"; SFT="--config $Q/wm_sft.json"; RWML="--config $Q/rwml.json"
+  POLICY="--config $Q/policy.json"; EVAL="--config $Q/eval.json"
   # Early Experience: expert episodes on the game the agent arms play (coin's gold path), 3 random admissible
   # alternatives from every expert state; IL / IWM / SR train like WM SFT ($SFT), SR's rationales are short
-  EXPERT="--env twx --split train --task-type coin --n-tasks 32 --rollouts 1 --max-steps 15 --policy expert \
-          --alternatives 3 --seed 1"
-  SR="--max-new-tokens 48"
+  EXPERT="--config $Q/expert.json"; SR="--max-new-tokens 48"
 else
-  # ---- The paper's setting (README "The paper's setting"; defaults follow the paper where it is explicit) -------
+  # ---- The paper's setting (configs/alfworld_*.json; README "The paper's setting") ----------------------------
   OUT=${OUT:-runs/full}
-  EMBED="--embedder Qwen/Qwen3-Embedding-8B"   # the paper's reward embedder (its thresholds were set on it)
-  COLLECT="--env alfworld --split train --n-tasks 2048 --n-workers 8"   # 3 rollouts, 30 steps, T=1.0, 90/10 triples
-  FILTER="$EMBED"             # SFT on the 10% val triples, K=10, strict tau_d 0.1, keep p=0.1
-  SFT=""                      # 2 epochs, lr 2e-6, batch 32, the paper's WM SFT prompt
-  RWML="--val-size 256 $EMBED"   # 32 prompts x G=8, lr 1e-6, beta 0.001, 2 epochs
-  POLICY="--env alfworld --max-steps 300 --env-workers 8"   # 8 tasks x 8 episodes, 15 steps, 300 steps
-  EVAL="--env alfworld --agent-splits valid_seen,valid_unseen --max-steps 30 --n-workers 8 $EMBED"
-  EXPERT="--env alfworld --split train --n-tasks 2048 --rollouts 1 --max-steps 50 --policy expert --alternatives 3 \
-          --n-workers 8"   # the walkthrough (then alfworld's expert); 3 random admissible alternatives per state
+  COLLECT="--config configs/alfworld_collect.json --n-workers 8"   # 3 rollouts x 2048 tasks, 30 steps, 90/10 triples
+  FILTER="--config configs/alfworld_filter.json"   # SFT on the 10% val triples, K=10, strict tau_d 0.1, keep p=0.1
+  SFT="--config configs/alfworld_filter.json"      # the same SFT (2 epochs, lr 2e-6, batch 32, the paper's prompt)
+  RWML="--config configs/alfworld_wm.json"         # 32 prompts x G=8, lr 1e-6, beta 0.001, 2 epochs
+  POLICY="--config configs/alfworld_policy.json --env-workers 8"   # 8 tasks x 8 episodes, 15 steps, 300 steps
+  EVAL="--env alfworld --agent-splits valid_seen,valid_unseen --max-env-steps 30 --n-workers 8 \
+        --embedder Qwen/Qwen3-Embedding-8B"
+  # the walkthrough (then alfworld's expert); 3 random admissible alternatives per state
+  EXPERT="--config configs/alfworld_expert.json --n-workers 8"
   SR=""                    # rationales: --model at temperature 1.0, up to 256 tokens
 fi
 mkdir -p "$OUT"

@@ -1,13 +1,17 @@
 """GRPO for the world model (RWML, paper §2.2) and for the policy (task-success RL), in one flat script.
 
-  python train_rwml.py --task wm --data runs/filter/filtered.jsonl --val-data runs/collect/triples_val.jsonl \
-      --model smollm2-135m --out-dir runs/rwml
-  python train_rwml.py --task policy --env alfworld --model runs/rwml/ckpt/step_000100 --max-steps 300 --out-dir runs/policy
+  python train_rwml.py --config configs/alfworld_wm.json --data runs/filter/filtered.jsonl \
+      --val-data runs/collect/triples_val.jsonl --model smollm2-135m --out-dir runs/rwml
+  python train_rwml.py --config configs/alfworld_policy.json --model runs/rwml --out-dir runs/policy
   torchrun --nproc_per_node 8 train_rwml.py ...     # FSDP2; each rank owns a contiguous shard of the step's groups
 
-One step: G responses per prompt (wm) or G episodes per task (policy) from the generation model -> rewards ->
-group advantages -> `ppo_epochs` optimizer steps of the clipped GRPO loss on the exact sampled token ids (prompt ids
-+ response ids as sampled, never re-tokenized text; the loss mask covers the model's own tokens only).
+Read top to bottom: Settings (the defaults are the paper's world-model stage; configs/ holds the presets), the
+loss (grpo_loss: edit it for an ablation), the two tasks (wm_rollouts, policy_rollouts), models, the update
+(grpo_update) and main, whose loop reads: generate and reward -> group advantages -> update -> log.
+
+One step: G responses per prompt (wm) or G episodes per task (policy) from the sampler -> one reward per group
+member -> group advantages -> `ppo_epochs` optimizer steps of the clipped GRPO loss on the exact sampled token ids
+(prompt ids + response ids as sampled, never re-tokenized text; the loss mask covers the model's own tokens only).
 
 Shared prompts (--share-prompt, default): the G responses to one prompt train in one tree row that holds the prompt
 once (common.pack_shared: each response attends to the prompt and to itself, at its own positions), so the policy,
@@ -24,16 +28,13 @@ one is the trained model; with LoRA the model is the merged one and the adapters
 
 Precision (--precision): one recipe for one process and for FSDP2: fp32 master weights, gradients and optimizer
 state; forward/backward on bf16 copies of the weights (bf16); generation and the reference model in bf16.
-Diagnostics (issue 12) run every step; alarms go to the console and to the "alarms" key of metrics.jsonl.
+diagnostics.py checks every step; alarms go to the console and to the "alarms" key of metrics.jsonl.
 """
 from __future__ import annotations
 
 import copy
-import difflib
 import functools
 import math
-import random
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -45,10 +46,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import common
+import diagnostics
 import prompts
 import rollout
-from kernels import group_advantages, grpo_loss
-
+from kernels import group_advantages
+from kernels import grpo_loss as fused_grpo_loss
 
 
 @dataclass
@@ -81,8 +83,8 @@ class Settings:
     user_model: str = common.flag("", "τ² user simulator: a local model (run here, greedy; '' = smollm2-135m) or "
                                "litellm:<name> for a hosted one, e.g. litellm:gpt-4.1")
     # sampling
-    prompts_per_step: int | None = common.flag(None, "prompts (wm) / tasks (policy) per step over all ranks; "
-                                              "none = paper: 32 wm, 8 policy")
+    prompts_per_step: int = common.flag(32, "prompts (wm) / tasks (policy) per step over all ranks (paper: 32 wm; "
+                                            "8 policy, configs/*_policy.json)")
     group_size: int = common.flag(8, "G responses (wm) or episodes (policy) per prompt (paper: 8)")
     temperature: float = common.flag(1.0, "sampling temperature; the trainer scores at the same one (paper: 1.0)")
     top_p: float = common.flag(1.0, "nucleus sampling; < 1 makes sampler and trainer log-probs differ (use --tis-cap)")
@@ -113,13 +115,16 @@ class Settings:
                     ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
     clip_low: float = common.flag(0.2, "ratio clip below 1 (paper: 0.2)")
     clip_high: float = common.flag(0.2, "ratio clip above 1 (paper: 0.2; DAPO: 0.28)")
-    beta: float | None = common.flag(None, "KL weight to the frozen start model; none = paper: 0.001 wm, 0.01 policy; "
-                                    "0 = no reference model")
+    beta: float = common.flag(0.001, "KL weight to the frozen start model (paper: 0.001 wm; 0.01 policy, "
+                                     "configs/*_policy.json); 0 = no reference model")
     kl: str = common.flag("k3", "KL estimator in the loss: k3 = verl's low_var_kl, k2 = half squared log-ratio, "
                    "k1 = log-ratio, whose expected gradient is zero (E_pi[grad log pi] = 0): k1 acts as --beta 0 plus "
                    "noise and only its logged kl means anything", ["k1", "k2", "k3"])
     adv_scale: str = common.flag("std", "advantage = (r - group mean) / group std, or r - group mean", ["std", "none"])
-    entropy_coef: float | None = common.flag(None, "entropy bonus; none = paper: 0 wm, 0.001 policy")
+    entropy_coef: float = common.flag(0.0, "entropy bonus (paper: 0 wm; 0.001 policy, configs/*_policy.json)")
+    fused_loss: str = common.flag("auto", "compute the loss with the fused Triton kernel (kernels/grpo_loss.py): "
+                                  "auto = on CUDA tensors; off = grpo_loss's PyTorch code (what an ablation edits)",
+                                  ["auto", "on", "off"])
     # reward (--task wm)
     embedder: str = common.flag("minilm", "reward embedder: minilm | sentence-transformers id (paper: Qwen3-Embedding-8B)")
     embed_instruction: str = common.flag("auto", "truth-side instruction: auto (if an instruct embedder) | none | text")
@@ -131,27 +136,18 @@ class Settings:
                                    ["binary", "score", "judge-binary", "judge-score"])
     judge_model: str = common.flag("", "the judge of --reward-mode judge-*: a local model (tiny | smollm2-135m | HF id "
                                    "| path) or litellm:<name>")
-    # diagnostics (issue 12; README "Diagnostics")
+    # off-policy correction and zero-variance groups (the alarm thresholds are constants in diagnostics.py)
     tis_cap: float = common.flag(0.0, "truncated importance sampling: weight each token by min(pi_train/pi_rollout, C) "
                                "(0 = off)")
     zero_var_std: float = common.flag(0.01, "a group whose reward std is below this carries no signal (zero-variance)")
     drop_zero_var: bool = common.flag(False, "drop zero-variance groups from the batch (DAPO dynamic sampling)")
-    agree_tol: float = common.flag(0.02, "alarm when mean |logp_rollout - logp_train| exceeds this")
-    alarm_warmup: int = common.flag(3, "steps averaged as the start values the alarms compare with")
-    length_alarm: float = common.flag(3.0, "alarm when mean response length exceeds this multiple of its start")
-    rate_alarm: float = common.flag(0.25, "alarm when format-error / invalid-action rate rises this far above its start")
-    entropy_alarm: float = common.flag(0.1, "alarm when entropy falls below this fraction of its start")
-    zero_var_alarm: float = common.flag(0.9, "alarm when at least this fraction of groups is zero-variance")
-    generic_alarm: float = common.flag(0.3, "alarm when the most common prediction's share exceeds the most common "
-                                     "truth's by this much (generic world-model predictions, paper §3.4)")
-    max_nonfinite: int = common.flag(5, "stop after this many non-finite steps in a row (each one is skipped)")
     # checkpoints
     save_every: int = common.flag(50, "steps between checkpoints (and one at the end)")
 
 
-PAPER_DEFAULTS = {"wm": {"prompts_per_step": 32, "beta": 0.001, "entropy_coef": 0.0},
-                  "policy": {"prompts_per_step": 8, "beta": 0.01, "entropy_coef": 0.001}}
-TRIPLE_KEYS = ("id", "env", "instruction", "history", "state", "action", "next_state", "next_kind")
+# The defaults are the paper's world-model settings; its policy RL stage differs in these three (8 tasks x 8
+# episodes, KL 0.01, entropy 0.001): configs/alfworld_policy.json and configs/tau2_policy.json carry them.
+POLICY_PAPER = {"prompts_per_step": 8, "beta": 0.01, "entropy_coef": 0.001}
 # settings that define the run (its data, samples, objective or optimizer): --resume refuses to continue under
 # others (exact continuation)
 SAME_ON_RESUME = ("task", "model", "data", "max_prompt_tokens", "env", "split", "task_type", "max_env_steps", "history",
@@ -165,23 +161,63 @@ LOGP_TOL = 1e-3  # a log-prob above this is a bug (wrong normalisation or gather
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The GRPO loss: edit here for an ablation, and run it with --fused-loss off (the Triton kernel fuses this standard
+# objective; tests/test_trainer_math.py holds the two equal, so an edit here alone fails that test, as it should).
+
+def grpo_loss(logp, entropy, mb: dict, s: Settings, n_tok: float, n_seq: float, world: int):
+    """One micro-batch's share of the step's GRPO loss (paper §2.2: verl's GRPO, token-mean, k3 KL to the start).
+    logp, entropy [B, T]: the policy's, with gradient; mb: "old" (log-probs before the update), "ref" (the
+    reference's; absent when --beta is 0), "isw" (TIS weights; absent without --tis-cap), "adv" [B], "mask" [B, T]
+    (the response tokens), "weight" (0 on a rank's padding micro-batch). n_tok, n_seq: response tokens and
+    sequences of the whole step (every micro-batch, every rank). -> (loss, sums of the logged stats)."""
+    m, adv = mb["mask"], mb["adv"]
+    # the aggregation as each sequence's token weight over the GLOBAL batch: accumulation and world size change nothing
+    if s.agg == "token-mean":              # DAPO, the paper's: every token of the step weighs the same
+        row_w = torch.full_like(adv, 1.0 / n_tok)
+    elif s.agg == "seq-mean-token-mean":   # the original GRPO: per-sequence token means, then their mean
+        row_w = 1.0 / (n_seq * m.sum(1).clamp(min=1))
+    else:                                  # Dr. GRPO: token sums over the constant budget max_new_tokens
+        row_w = torch.full_like(adv, 1.0 / (n_seq * s.max_new_tokens))
+    row_w = row_w * (mb["weight"] * world)   # x world: FSDP2 averages gradients over ranks, the objective sums them
+    w = m * row_w[:, None]                   # [B, T] each token's weight in the step's loss
+    ref = mb.get("ref")
+    if s.fused_loss == "on" or s.fused_loss == "auto" and logp.is_cuda:   # clip, TIS and k3 in one Triton pass
+        k3_ref = ref if s.kl == "k3" else None
+        loss, sums = fused_grpo_loss(logp, mb["old"], k3_ref, adv, m, row_w, s.clip_low, s.clip_high,
+                                     s.beta if k3_ref is not None else 0.0, mb.get("isw"))
+        if k3_ref is None:
+            del sums["kl_sum"]   # k1 / k2 below
+    else:
+        a, ratio = adv[:, None], torch.exp((logp - mb["old"]).clamp(-20, 20))
+        pg = torch.maximum(-a * ratio, -a * ratio.clamp(1 - s.clip_low, 1 + s.clip_high))   # PPO's pessimistic bound
+        loss = (pg * mb.get("isw", 1.0) * w).sum()   # TIS: min(pi_train / pi_rollout, cap) per token
+        sums = {"clipped_low": ((a < 0) & (ratio < 1 - s.clip_low) & m).sum(),   # the clip zeroes their gradient
+                "clipped_high": ((a > 0) & (ratio > 1 + s.clip_high) & m).sum(), "ratio_sum": (ratio.detach() * m).sum()}
+    if ref is not None and "kl_sum" not in sums:   # KL(pi || ref) estimated on samples of pi (Schulman 2020)
+        log_ratio = logp - ref
+        if s.kl == "k3":    # verl's low_var_kl, with its clamps
+            d = (-log_ratio).clamp(-20, 20)
+            kl = (d.exp() - d - 1).clamp(max=10)
+        else:               # k2's gradient is grad KL(pi || ref); k1's is zero in expectation (E_pi[grad log pi] = 0)
+            kl = log_ratio if s.kl == "k1" else 0.5 * log_ratio.square()
+        loss = loss + s.beta * (kl * w).sum()
+        sums["kl_sum"] = (kl.detach() * m).sum()
+    if s.entropy_coef > 0:
+        loss = loss - s.entropy_coef * (entropy * w).sum()
+    return loss, sums
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Data: a seeded endless stream over the triples (wm) or task ids (policy); step k reads positions k*P..(k+1)*P-1
 
-@functools.lru_cache(maxsize=4)
-def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    order = list(range(n))
-    random.Random(f"{seed}:{epoch}").shuffle(order)  # str seeds hash stably across runs
-    return tuple(order)
-
-
 def stream(n: int, seed: int, start: int, count: int) -> list[int]:
-    return [epoch_order(n, seed, pos // n)[pos % n] for pos in range(start, start + count)]
+    return [common.epoch_order(n, seed, pos // n)[pos % n] for pos in range(start, start + count)]
 
 
 def load_wm_data(path: str, tokenizer, max_prompt_tokens: int) -> tuple[list[dict], list[list[int]]]:
     """Kept triples and their world-model prompt ids; prompts over max_prompt_tokens are skipped (a truncated
     chat prompt loses the task and the intro), and the count is printed."""
-    rows = [r for r in common.read_jsonl(path, TRIPLE_KEYS) if r.get("kept", True)]
+    rows = [r for r in common.read_jsonl(path, common.TRIPLE_KEYS) if r.get("kept", True)]
     kept, ids = [], []
     for row in rows:
         p = common.chat_ids(tokenizer, prompts.wm_messages(row))
@@ -205,21 +241,134 @@ def generator_for(device, *key: int) -> torch.Generator:
     return g
 
 
-def sample_groups(gen_lm, tokenizer, prompt_ids: list[list[int]], keys: list[int], s: Settings, step: int,
+def sample_groups(sampler, tokenizer, prompt_ids: list[list[int]], keys: list[int], s: Settings, step: int,
                   n: int, temperature: float, chunk_prompts: int) -> list[common.Sample]:
     """n samples per prompt, prompt-major. One generate call per chunk_prompts prompts with a generator keyed by
     (seed, step, the chunk's first stream position), so the samples do not depend on how prompts were sharded."""
-    device = next(gen_lm.parameters()).device
+    device = next(sampler.parameters()).device
     out = []
     for c in range(0, len(prompt_ids), chunk_prompts):
         chunk = [p for p in prompt_ids[c:c + chunk_prompts] for _ in range(n)]
-        out += common.generate(gen_lm, tokenizer, chunk, s.max_new_tokens, temperature, s.top_p,
+        out += common.generate(sampler, tokenizer, chunk, s.max_new_tokens, temperature, s.top_p,
                                batch_size=len(chunk), generator=generator_for(device, s.seed, step, keys[c]))
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Model setup: the trained model (FSDP2 under torchrun), a generation copy, a frozen reference
+# The two tasks. Each plays one step's rollouts on this rank: G group members per item (a response to a triple's
+# prompt, or an episode of a task), members of a group consecutive, one reward per member.
+
+@dataclass
+class Rollouts:
+    samples: list[list[common.Sample]]   # per member: its response (wm), or its episode's step responses (policy)
+    rewards: torch.Tensor                # [members] the group reward of each member
+    logs: dict[str, list]                # the task's lists for diagnostics.rollout_metrics (gathered over ranks)
+    generate_s: float                    # seconds spent generating (the rest of the call is the reward)
+
+
+def make_reward(s: Settings):
+    """-> reward_fn(samples, triples) -> float tensor [N]: the RWML reward of each sample's text against its triple
+    (tests swap this function for a toy reward)."""
+    from rewards import WorldModelReward, make_judge
+    if s.reward_mode.startswith("judge") and not s.judge_model:
+        raise SystemExit(f"--reward-mode {s.reward_mode} needs --judge-model (a local model or litellm:<name>)")
+    judge = make_judge(s.judge_model) if s.reward_mode.startswith("judge") else None
+    wm = WorldModelReward(s.embedder, s.tau_d, s.reward_max_tokens, mode=s.reward_mode, tau_d_user=s.tau_d_user,
+                          judge=judge, embed_instruction=s.embed_instruction)
+    return lambda samples, triples: wm([x.text for x in samples], triples)
+
+
+def wm_rollouts(sampler, tokenizer, reward_fn, rows: list[dict], prompt_ids: list[list[int]], idx: list[int],
+                first: int, step: int, s: Settings) -> Rollouts:
+    """--task wm (paper §2.2): G predictions of each triple's next state, each rewarded against the real one."""
+    t0 = time.perf_counter()
+    triples = [rows[i] for i in idx]
+    samples = sample_groups(sampler, tokenizer, [prompt_ids[i] for i in idx], list(range(first, first + len(idx))),
+                            s, step, s.group_size, s.temperature, s.gen_chunk)
+    generate_s = time.perf_counter() - t0
+    rewards = reward_fn(samples, [t for t in triples for _ in range(s.group_size)]).float()
+    return Rollouts([[x] for x in samples], rewards, {"truths": [t["next_state"] for t in triples]}, generate_s)
+
+
+def policy_rollouts(sampler, tokenizer, suite, idx: list[int], first: int, step: int, s: Settings,
+                    d: common.Dist) -> Rollouts:
+    """--task policy: G episodes per task; the group reward is the episode return (γ = 1), and every step's
+    response trains with its episode's advantage."""
+    import rewards
+    t0 = time.perf_counter()
+    act = rollout.model_actor(sampler, tokenizer, s.temperature, s.max_new_tokens, s.top_p,
+                              generator_for(d.device, s.seed, step, first))
+    episodes = rollout.run_episodes(act, suite, [(suite.task_ids[i], g) for i in idx for g in range(s.group_size)],
+                                    env=s.env, split=s.split, model=s.model, max_env_steps=s.max_env_steps,
+                                    history=s.history, n_workers=s.env_workers, batch_size=len(idx) * s.group_size)
+    generate_s = time.perf_counter() - t0
+    returns = torch.tensor([sum(rewards.policy_step_rewards(ep["steps"], ep["success"], s.win_reward, s.step_penalty,
+                                                            s.penalize)) for ep in episodes])
+    logs = {"won": [ep["success"] for ep in episodes], "valid": [st["valid"] for ep in episodes for st in ep["steps"]],
+            "ep_len": [ep["n_steps"] for ep in episodes]}
+    return Rollouts([[st["sample"] for st in ep["steps"]] for ep in episodes], returns, logs, generate_s)
+
+
+def wm_task(s: Settings, d: common.Dist, sampler, tokenizer):
+    """--task wm -> (items, rollouts(idx, first, step), validate(step) or None): the kept training triples (prompts
+    over --max-prompt-tokens skipped), the RWML reward, and the held-out accuracy check on --val-data."""
+    rows, prompt_ids = load_wm_data(s.data, tokenizer, s.max_prompt_tokens)
+    reward_fn = make_reward(s)
+    val_rows, val_ids = load_wm_data(s.val_data, tokenizer, s.max_prompt_tokens) if s.val_data else ([], [])
+    if s.val_size:   # a seeded sample: the first rows come from a few episodes of a few games
+        keep = common.sample_rows(list(range(len(val_rows))), s.val_size, s.seed)
+        val_rows, val_ids = [val_rows[i] for i in keep], [val_ids[i] for i in keep]
+    validate = functools.partial(evaluate_held_out, sampler, tokenizer, reward_fn, val_rows, val_ids, s, d) \
+        if val_rows and s.val_every else None
+    return len(rows), functools.partial(wm_rollouts, sampler, tokenizer, reward_fn, rows, prompt_ids, s=s), validate
+
+
+def policy_task(s: Settings, d: common.Dist, sampler, tokenizer):
+    """--task policy -> (tasks, rollouts(idx, first, step), None): the env suite's tasks (--env, --split,
+    --task-type); no held-out check during training (evaluate.py --what agent measures success)."""
+    suite = rollout.make_suite(s.env, s.split, task_type=s.task_type, user_model=s.user_model or None,
+                               device=d.device, n_workers=s.env_workers)
+    return len(suite.task_ids), functools.partial(policy_rollouts, sampler, tokenizer, suite, s=s, d=d), None
+
+
+def evaluate_held_out(sampler, tokenizer, reward_fn, rows: list[dict], ids: list[list[int]], s: Settings,
+                      d: common.Dist, step: int) -> float:
+    """--task wm: mean reward of one sample per held-out triple (greedy by default); ranks take contiguous shards."""
+    lo, hi = d.rank * len(rows) // d.world, (d.rank + 1) * len(rows) // d.world
+    keys = list(range(lo, hi))
+    samples = sample_groups(sampler, tokenizer, ids[lo:hi], keys, s, 10**6 + step, 1, s.val_temperature,
+                            s.gen_chunk * s.group_size) if hi > lo else []
+    hits = float(reward_fn(samples, rows[lo:hi]).sum()) if samples else 0.0
+    total, count = all_sum(d, hits, hi - lo)
+    return total / max(1, count)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models and optimizer
+
+def load_models(s: Settings, d: common.Dist, compute_dtype: torch.dtype):
+    """-> (policy, policy_logprobs, reference_logprobs, sampler, tokenizer).
+    policy: the trained model, fp32 master weights (lr 1e-6 updates vanish in bf16 weights), peft-wrapped with LoRA.
+    policy_logprobs: common.TokenLogprobs over the copy the update computes with (common.wrap_for_training: FSDP2
+    under torchrun; in one process the policy itself in fp32, a --precision compute copy in bf16).
+    reference_logprobs: the frozen start model's (None when --beta is 0).
+    sampler: the generation model, full parameters: one process generates with the weights it trains on (fp32: the
+    policy itself; bf16: its compute copy); under torchrun each rank keeps a full copy, synced after each step."""
+    policy, tokenizer = common.load_model(s.model, dtype=torch.float32, device=d.device)
+    if s.share_prompt and policy.config._attn_implementation != "sdpa":
+        policy.set_attn_implementation("sdpa")   # the tree rows' bool 4-D mask (common.pack_shared) is SDPA's
+    reference = copy.deepcopy(policy).to(compute_dtype).eval().requires_grad_(False) if s.beta > 0 else None
+    if s.lora_rank:
+        from peft import LoraConfig, get_peft_model
+        policy = get_peft_model(policy, LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha, target_modules="all-linear"))
+    if s.grad_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.train()
+    sampler = copy.deepcopy(policy).to(compute_dtype) if d.world > 1 else None   # before sharding: full parameters
+    policy_logprobs = common.wrap_for_training(policy, d, compute_dtype)
+    reference_logprobs = common.TokenLogprobs(reference) if reference is not None else None
+    sampler = policy_logprobs.lm if sampler is None else sampler
+    return policy, policy_logprobs, reference_logprobs, sampler, tokenizer
 
 
 def make_optimizer(s: Settings, params, total_updates: int):
@@ -241,133 +390,6 @@ def make_optimizer(s: Settings, params, total_updates: int):
         progress = (update - s.warmup_steps) / max(1, total_updates - s.warmup_steps)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Loss pieces the kernel does not cover (entropy bonus, k1/k2 KL), normalised like the kernel's aggregation but
-# over the GLOBAL batch, so gradient accumulation and any world size give the same loss.
-
-def kl_terms(logp, ref_logp, kind: str):
-    """Per-token KL(pi || ref) estimates from samples of pi (Schulman 2020); k3 lives in the fused loss kernel.
-    As loss terms on fixed samples, k1's gradient is grad log pi, zero in expectation: it estimates the KL but
-    does not pull towards ref; k2's gradient (log pi - log ref) grad log pi is the true grad KL(pi || ref)."""
-    log_ratio = logp - ref_logp
-    return log_ratio if kind == "k1" else 0.5 * log_ratio.square()
-
-
-def aggregate(x, mask, agg: str, n_tok: int, n_seq: int, t_norm: int):
-    """Sum over this micro-batch of the global aggregation of per-token x [B, L] (mask bool [B, L])."""
-    m = mask.to(x.dtype)
-    if agg == "token-mean":
-        return (x * m).sum() / n_tok
-    if agg == "seq-mean-token-mean":
-        return ((x * m).sum(1) / m.sum(1).clamp(min=1)).sum() / n_seq
-    return (x * m).sum() / (n_seq * t_norm)
-
-
-def kernel_scale(mask, agg: str, n_tok: int, n_seq: int, t_norm: int) -> float:
-    """grpo_loss normalises over its own micro-batch; this factor rescales that to the global batch. For
-    seq-mean-token-sum-norm the divisor T is max_new_tokens (Dr. GRPO's constant budget), not the padded width."""
-    b, width = mask.shape
-    if agg == "token-mean":
-        return float(mask.sum()) / n_tok
-    if agg == "seq-mean-token-mean":
-        return b / n_seq
-    return b * width / (n_seq * t_norm)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Diagnostics (issue 12): pure functions on one step's numbers
-
-def zero_variance_groups(rewards: torch.Tensor, group_size: int, min_std: float) -> torch.Tensor:
-    """[n_groups] bool: groups whose reward std (unbiased, as the advantage uses) is below min_std. A threshold,
-    not == 0, so near-constant continuous rewards (snapped ROUGE, raw cosine) count too."""
-    r = rewards.reshape(-1, group_size).double()
-    std = r.std(1) if group_size > 1 else torch.zeros(r.shape[0], dtype=r.dtype)
-    return ~(std >= min_std)  # nan std (nan reward) counts as no signal
-
-
-def tis_weights(old_logp, rollout_logp, mask, cap: float):
-    """Truncated importance weight per token: min(pi_train / pi_rollout, cap), detached; 0 off the mask."""
-    w = torch.exp((old_logp - rollout_logp).clamp(max=math.log(cap))).clamp(max=cap)
-    return torch.where(mask, w, torch.zeros_like(w)).detach()
-
-
-def normalize_state(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
-def near_identical(texts: list[str], min_ratio: float = 0.9) -> bool:
-    """All of a group's normalised predictions within min_ratio similarity (difflib, on words) of the first."""
-    words = [t.split() for t in texts]
-    return all(difflib.SequenceMatcher(None, words[0], w).ratio() >= min_ratio for w in words[1:])
-
-
-def top_share(texts: list[str]) -> float:
-    return Counter(texts).most_common(1)[0][1] / len(texts) if texts else 0.0
-
-
-def wm_hacking_monitor(predictions: list[str], truths: list[str], group_size: int) -> dict:
-    """Paper §3.4: a world model can win an embedding reward with generic predictions. predictions are the
-    extracted next states (G consecutive per prompt), truths one per prompt. Missing predictions ("none")
-    are format errors, not hacking, and are left out."""
-    preds = [normalize_state(p) for p in predictions]
-    groups = [preds[i:i + group_size] for i in range(0, len(preds), group_size)]
-    formatted = [p for p in preds if p != "none"]
-    true_norm = [normalize_state(t) for t in truths]
-    return {
-        "wm_identical_groups": sum("none" not in g and near_identical(g) for g in groups) / max(1, len(groups)),
-        "wm_top_pred_share": top_share(formatted),   # one prediction for every prompt: generic
-        "wm_top_true_share": top_share(true_norm),   # what the data itself would give
-        "wm_pred_words": float(np.mean([len(p.split()) for p in formatted])) if formatted else 0.0,
-        "wm_true_words": float(np.mean([len(t.split()) for t in true_norm])) if true_norm else 0.0,
-    }
-
-
-def check_alarms(row: dict, start: dict, s: Settings) -> list[str]:
-    """Alarms for one step's metrics row; `start` holds the mean of the first alarm_warmup steps (empty before)."""
-    alarms = [f"non-finite {k}" for k in ("loss", "grad_norm", "reward_mean", "kl", "entropy")
-              if isinstance(row.get(k), float) and not math.isfinite(row[k])]
-    if row.get("agree_mean", 0.0) > s.agree_tol:
-        alarms.append(f"rollout/trainer log-prob mismatch: mean |diff| {row['agree_mean']:.4f} > {s.agree_tol} "
-                      f"(max {row['agree_max']:.3f}); check temperature/top-p/precision, or use --tis-cap")
-    if row.get("zero_var_frac", 0.0) >= s.zero_var_alarm:
-        alarms.append(f"{row['zero_var_frac']:.0%} of groups have zero reward variance: almost no learning signal")
-    if row.get("wm_top_pred_share", 0.0) - row.get("wm_top_true_share", 0.0) > s.generic_alarm:
-        alarms.append(f"generic world-model predictions: {row['wm_top_pred_share']:.0%} of predictions are the same "
-                      f"text (truths: {row['wm_top_true_share']:.0%})")
-    if not start:
-        return alarms
-    if start["resp_len"] > 0 and row["resp_len"] > s.length_alarm * start["resp_len"]:
-        alarms.append(f"response length {row['resp_len']:.0f} > {s.length_alarm}x its start {start['resp_len']:.0f}")
-    for key, what in (("format_error_rate", "format-error rate"), ("invalid_rate", "invalid-action rate")):
-        if key in row and row[key] > start[key] + s.rate_alarm:
-            alarms.append(f"{what} {row[key]:.2f} rose past its start {start[key]:.2f} + {s.rate_alarm}")
-    if math.isfinite(row.get("entropy", math.nan)) and row["entropy"] < s.entropy_alarm * start["entropy"]:
-        alarms.append(f"entropy collapse: {row['entropy']:.4f} < {s.entropy_alarm} x start {start['entropy']:.4f}")
-    return alarms
-
-
-def rollout_metrics(every: dict, s: Settings) -> dict:
-    """One step's rollout numbers from the lists gathered over ranks (group members consecutive)."""
-    r = torch.tensor(every["rewards"])
-    tag = "next_state" if s.task == "wm" else "action"
-    row = {"reward_mean": float(r.mean()), "reward_std": float(r.std()) if len(r) > 1 else 0.0,
-           "zero_var_frac": float(np.mean(every["zero_var"])), "resp_len": float(np.mean(every["lens"])),
-           "resp_len_max": max(every["lens"]), "truncated_frac": float(np.mean(every["cut"])),
-           "format_error_rate": 1.0 - float(np.mean([prompts.has_format(t, tag) for t in every["texts"]]))}
-    if s.drop_zero_var:
-        row["dropped_groups"] = int(sum(every["zero_var"]))
-    if s.task == "wm":
-        row.update(wm_hacking_monitor([prompts.extract_next_state(t) for t in every["texts"]], every["truths"],
-                                      s.group_size))
-    else:
-        row.update(success_rate=float(np.mean(every["won"])), invalid_rate=1.0 - float(np.mean(every["valid"])),
-                   episode_len=float(np.mean(every["ep_len"])))
-    return row
-
-
-START_KEYS = ("resp_len", "entropy", "format_error_rate", "invalid_rate")  # what the alarms compare with its start
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -439,9 +461,9 @@ def micro_batches(seqs: list[dict], s: Settings, d: common.Dist, pad_id: int) ->
         part = groups[k] if k < len(groups) else groups[0] if groups else [[PAD_SEQ]]
         flat = [q for u in part for q in u]
         if s.share_prompt:
-            ids, attn, pos, score, index, mask = common.pack_shared(
+            ids, attn, pos, logp_mask, index, mask = common.pack_shared(
                 [u[0]["prompt_ids"] for u in part], [[q["response_ids"] for q in u] for u in part], pad_id, d.device)
-            mb = {"ids": ids, "attn": attn, "pos": pos, "score": score, "index": index, "mask": mask}
+            mb = {"ids": ids, "attn": attn, "pos": pos, "logp_mask": logp_mask, "index": index, "mask": mask}
             starts = [0] * len(flat)            # the loss layout holds response tokens only
         else:
             ids, attn, mask = common.pack_batch([q["prompt_ids"] for q in flat], [q["response_ids"] for q in flat],
@@ -459,15 +481,16 @@ def micro_batches(seqs: list[dict], s: Settings, d: common.Dist, pad_id: int) ->
     return out
 
 
-def score_micro_batch(scorer, mb: dict, temperature: float, with_entropy: bool = False):
-    """-> (logp, entropy or None) in the micro-batch's loss layout ([sequences, tokens], 0 off mb["mask"])."""
+def micro_batch_logprobs(model_logprobs, mb: dict, temperature: float, with_entropy: bool = False):
+    """-> (logp, entropy or None) of a common.TokenLogprobs model in the micro-batch's loss layout ([sequences,
+    tokens], 0 off mb["mask"])."""
     if "index" not in mb:
-        return scorer(mb["ids"], mb["attn"], mb["mask"], temperature, with_entropy=with_entropy)
-    impl = scorer.lm.config._attn_implementation
+        return model_logprobs(mb["ids"], mb["attn"], mb["mask"], temperature, with_entropy=with_entropy)
+    impl = model_logprobs.lm.config._attn_implementation
     if impl != "sdpa":   # eager adds its mask as floats, flash-attn takes none: the bool tree mask is SDPA's
         raise ValueError(f"--share-prompt needs sdpa attention for its tree mask; the model uses {impl}")
-    logp, ent = scorer(mb["ids"], mb["attn"], mb["score"], temperature, with_entropy=with_entropy,
-                       position_ids=mb["pos"])
+    logp, ent = model_logprobs(mb["ids"], mb["attn"], mb["logp_mask"], temperature, with_entropy=with_entropy,
+                               position_ids=mb["pos"])
 
     def per_sequence(x):
         return torch.where(mb["mask"], x.flatten()[mb["index"]], 0.0)
@@ -477,7 +500,7 @@ def score_micro_batch(scorer, mb: dict, temperature: float, with_entropy: bool =
 PAD_SEQ = {"prompt_ids": [0], "response_ids": [0], "logprobs": [0.0], "adv": 0.0}  # a rank with nothing to train
 
 
-def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, scheduler, s: Settings,
+def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, optimizer, scheduler, s: Settings,
                 d: common.Dist, pad_id: int) -> dict:
     """ppo_epochs optimizer steps on seqs (this rank's share). Returns global stats; "nonfinite" = skipped."""
     batches = micro_batches(seqs, s, d, pad_id)
@@ -491,13 +514,14 @@ def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, schedul
         loss_total = 0.0
         for mb in batches:
             mask = mb["mask"]
-            logp, ent = score_micro_batch(scorer, mb, s.temperature, with_entropy=epoch == 0 or s.entropy_coef > 0)
+            logp, ent = micro_batch_logprobs(policy_logprobs, mb, s.temperature,
+                                             with_entropy=epoch == 0 or s.entropy_coef > 0)
             if epoch == 0:
                 mb["old"] = logp.detach()
-                if ref_scorer is not None:
+                if reference_logprobs is not None:
                     with torch.no_grad():
-                        mb["ref"] = score_micro_batch(ref_scorer, mb, s.temperature)[0]
-            w, tokens = mb["weight"], float(mask.sum()) * mb["weight"]
+                        mb["ref"] = micro_batch_logprobs(reference_logprobs, mb, s.temperature)[0]
+            w = mb["weight"]
             if epoch == 0:  # before any update: does the trainer see what the sampler sampled?
                 diff = (mb["old"] - mb["rollout"]).abs()[mask]
                 sums["agree"] += float(diff.sum()) * w
@@ -508,26 +532,14 @@ def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, schedul
                                        f"log-probs are not normalised; this step's data cannot be trusted")
                 sums["entropy"] += float(ent.detach()[mask].sum()) * w
                 if s.tis_cap > 0:
-                    mb["isw"] = tis_weights(mb["old"], mb["rollout"], mask, s.tis_cap)
+                    mb["isw"] = diagnostics.tis_weights(mb["old"], mb["rollout"], mask, s.tis_cap)
                     sums["tis_weight"] += float(mb["isw"][mask].sum()) * w
                     sums["tis_capped"] += float((mb["isw"][mask] >= s.tis_cap).sum()) * w
-            k3 = ref_scorer is not None and s.kl == "k3"
-            loss, st = grpo_loss(logp, mb["old"], mb["ref"] if k3 else None, mb["adv"], mask, s.clip_low,
-                                 s.clip_high, s.beta if k3 else 0.0, s.agg, is_weight=mb.get("isw"))
-            scale = w * d.world  # FSDP2 averages gradients over ranks: undo it, the global normaliser is exact
-            loss = loss * kernel_scale(mask, s.agg, n_tok, n_seq, s.max_new_tokens) * scale
-            if ref_scorer is not None and not k3:
-                kl_tok = kl_terms(logp, mb["ref"], s.kl)
-                loss = loss + s.beta * scale * aggregate(kl_tok, mask, s.agg, n_tok, n_seq, s.max_new_tokens)
-                sums["kl"] += float(kl_tok.detach()[mask].sum()) * w
-            elif k3:
-                sums["kl"] += st["kl_mean"].item() * tokens
-            if s.entropy_coef > 0:
-                loss = loss - s.entropy_coef * scale * aggregate(ent, mask, s.agg, n_tok, n_seq, s.max_new_tokens)
+            loss, mb_sums = grpo_loss(logp, ent, mb, s, n_tok, n_seq, d.world)
             loss.backward()
             loss_total += loss.item() / d.world
-            for k in ("clip_frac_low", "clip_frac_high", "ratio_mean"):
-                sums[k] += st[k].item() * tokens
+            for k, v in mb_sums.items():
+                sums[k] += float(v) * w
         grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else math.inf)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         (loss_total,) = all_sum(d, loss_total)
@@ -538,7 +550,7 @@ def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, schedul
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    keys = ("agree", "entropy", "tis_weight", "tis_capped", "kl", "clip_frac_low", "clip_frac_high", "ratio_mean")
+    keys = ("agree", "entropy", "tis_weight", "tis_capped", "kl_sum", "clipped_low", "clipped_high", "ratio_sum")
     totals = dict(zip(keys, all_sum(d, *(sums[k] for k in keys))))
     (agree_max,) = all_max(d, agree_max)
     n_updates = epochs_run * n_tok
@@ -547,9 +559,10 @@ def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, schedul
              "agree_mean": totals["agree"] / n_tok, "agree_max": agree_max, "entropy": totals["entropy"] / n_tok,
              "train_seqs": int(n_seq), "train_tokens": int(n_tok), "train_tokens_computed": int(computed),
              "pad_frac": 1.0 - real / computed,
-             **{k: totals[k] / n_updates for k in ("clip_frac_low", "clip_frac_high", "ratio_mean")}}
-    if ref_scorer is not None:
-        stats["kl"] = totals["kl"] / n_updates
+             "clip_frac_low": totals["clipped_low"] / n_updates, "clip_frac_high": totals["clipped_high"] / n_updates,
+             "ratio_mean": totals["ratio_sum"] / n_updates}
+    if reference_logprobs is not None:
+        stats["kl"] = totals["kl_sum"] / n_updates
     if s.tis_cap > 0:
         stats["tis_weight_mean"] = totals["tis_weight"] / n_tok
         stats["tis_capped_frac"] = totals["tis_capped"] / n_tok
@@ -557,107 +570,98 @@ def grpo_update(seqs: list[dict], scorer, ref_scorer, params, optimizer, schedul
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The reward of --task wm (tests swap this function for a toy reward)
 
-def make_reward(s: Settings):
-    """-> score(samples, triples) -> float tensor [N]: the RWML reward of each sample's text against its triple."""
-    from rewards import WorldModelReward, make_judge
-    if s.reward_mode.startswith("judge") and not s.judge_model:
-        raise SystemExit(f"--reward-mode {s.reward_mode} needs --judge-model (a local model or litellm:<name>)")
-    judge = make_judge(s.judge_model) if s.reward_mode.startswith("judge") else None
-    wm = WorldModelReward(s.embedder, s.tau_d, s.reward_max_tokens, mode=s.reward_mode, tau_d_user=s.tau_d_user,
-                          judge=judge, embed_instruction=s.embed_instruction)
-    return lambda samples, triples: wm([x.text for x in samples], triples)
-
-
-def evaluate_held_out(gen_lm, tokenizer, score, rows: list[dict], ids: list[list[int]], s: Settings,
-                      d: common.Dist, step: int) -> float:
-    """Mean reward of one sample per held-out triple (greedy by default); ranks take contiguous shards."""
-    lo, hi = d.rank * len(rows) // d.world, (d.rank + 1) * len(rows) // d.world
-    keys = list(range(lo, hi))
-    samples = sample_groups(gen_lm, tokenizer, ids[lo:hi], keys, s, 10**6 + step, 1, s.val_temperature,
-                            s.gen_chunk * s.group_size) if hi > lo else []
-    hits = float(score(samples, rows[lo:hi]).sum()) if samples else 0.0
-    total, count = all_sum(d, hits, hi - lo)
-    return total / max(1, count)
-
-
-# ----------------------------------------------------------------------------------------------------------
-
-def main(argv: list[str] | None = None) -> Path:
-    s = common.parse_settings(Settings, argv)
-    for k, v in PAPER_DEFAULTS[s.task].items():   # task-dependent paper defaults, written resolved to config.json
-        if getattr(s, k) is None:
-            setattr(s, k, v)
-    d = common.init_distributed()
-    s.precision = "bf16" if common.compute_dtype(s.precision, d.device) == torch.bfloat16 else "fp32"   # as config.json says
-    out = Path(s.out_dir)
-    ckpt_root = out / "ckpt"
-    P, G = s.prompts_per_step, s.group_size
+def check_settings(s: Settings, d: common.Dist) -> None:
+    """Refuse settings that cannot train; warn when policy RL runs with the world-model defaults."""
+    wm_defaults = [k for k in POLICY_PAPER if getattr(s, k) == getattr(Settings, k)]
+    if s.task == "policy" and wm_defaults and d.main:
+        print(f"warning: --task policy with the world-model defaults of {', '.join(wm_defaults)} (paper's policy RL: "
+              f"{', '.join(f'{k} {POLICY_PAPER[k]}' for k in wm_defaults)}); pass --config configs/alfworld_policy.json "
+              f"or configs/tau2_policy.json", flush=True)
+    P = s.prompts_per_step
     if P % d.world:
-        raise SystemExit(f"--prompts-per-step {P} must be a multiple of the world size {d.world} (groups are not split)")
+        raise SystemExit(f"--prompts-per-step {P} must be a multiple of the world size {d.world} (groups are not "
+                         f"split)")
     if s.task == "wm" and (P // d.world) % s.gen_chunk:
         raise SystemExit(f"--gen-chunk {s.gen_chunk} must divide the prompts per rank ({P // d.world})")
     if s.temperature <= 0:
         raise SystemExit("--temperature must be > 0 for training (the trainer scores the sampled distribution)")
     if s.tis_cap and s.tis_cap < 1:
         raise SystemExit(f"--tis-cap {s.tis_cap}: the cap must be >= 1 (or 0 = off)")
+
+
+def resume(s: Settings, ckpt_root: Path, checkpoint_model, sampler, policy, optimizer, scheduler) -> dict:
+    """The trainer state of a fresh run, or of out_dir's latest checkpoint under --resume (weights, optimizer,
+    scheduler and RNG restored with it)."""
+    state = {"step": 0, "nonfinite_in_row": 0, "nonfinite_total": 0, "alarm_start": {}, "start_rows": []}
+    latest = common.latest_checkpoint(ckpt_root) if s.resume else None
+    if latest is not None:
+        state.update(common.load_checkpoint(latest, checkpoint_model, optimizer, scheduler)["extra"])
+        common.sync_weights(sampler, policy)
+        common.print0(f"resumed from {latest} at step {state['step']}")
+    elif s.resume:
+        common.print0(f"--resume: no checkpoint in {ckpt_root}, starting fresh")
+    return state
+
+
+def count_nonfinite(state: dict, train: dict, step: int, d: common.Dist) -> dict:
+    """Counts the updates grpo_update skipped for a non-finite loss or gradient (all ranks together); -> the
+    update's entries of the metrics row."""
+    skipped = train.pop("skipped", None)
+    if train.pop("nonfinite", False):
+        state["nonfinite_in_row"] += 1
+        state["nonfinite_total"] += 1
+        if d.main:
+            tqdm.write(f"warning: step {step + 1}: non-finite loss or gradient, update skipped "
+                       f"({state['nonfinite_in_row']} in a row)")
+    elif not skipped:
+        state["nonfinite_in_row"] = 0
+    return {**train, "nonfinite_skips": state["nonfinite_total"], **({"skipped": skipped} if skipped else {})}
+
+
+def gather_logs(d: common.Dist, roll: Rollouts, zero_var: torch.Tensor) -> dict[str, list]:
+    """The step's per-member and per-sample lists from every rank, for diagnostics.rollout_metrics."""
+    samples = [x for member in roll.samples for x in member]
+    local = {"rewards": roll.rewards.tolist(), "zero_var": zero_var.tolist(), "texts": [x.text for x in samples],
+             "lens": [len(x.response_ids) for x in samples], "cut": [not x.finished for x in samples], **roll.logs}
+    return {k: [v for part in gather(d, local) for v in part[k]] for k in local}
+
+
+def show(bar, row: dict) -> None:
+    """The console: alarms as lines, the step's headline numbers on the progress bar."""
+    for alarm in row["alarms"]:
+        tqdm.write(f"ALARM step {row['step']}: {alarm}")
+    bar.set_postfix(reward=f"{row['reward_mean']:.3f}", len=f"{row['resp_len']:.0f}",
+                    agree=f"{row['agree_mean']:.1e}" if "agree_mean" in row else "-",
+                    **({"val": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}))
+
+
+def main(argv: list[str] | None = None) -> Path:
+    s = common.parse_settings(Settings, argv)
+    d = common.init_distributed()
+    compute_dtype = common.compute_dtype(s.precision, d.device)
+    s.precision = "bf16" if compute_dtype == torch.bfloat16 else "fp32"   # resolved, as config.json says
+    check_settings(s, d)
+    out, ckpt_root = Path(s.out_dir), Path(s.out_dir) / "ckpt"
     if s.resume:
         common.check_resume(s, out, SAME_ON_RESUME)
     common.seed_everything(s.seed)
     if d.main:
         common.save_config(s, out)
     log = common.MetricsLogger(out / "metrics.jsonl", enabled=d.main)
+    policy, policy_logprobs, reference_logprobs, sampler, tokenizer = load_models(s, d, compute_dtype)
+    checkpoint_model = policy.get_base_model() if s.lora_rank else policy   # save_pretrained with the HF keys
+    P, G = s.prompts_per_step, s.group_size
 
-    # Models: fp32 master weights (lr 1e-6 updates vanish in bf16 weights); training, generation and reference
-    # compute in the --precision dtype (common.wrap_for_training). One process generates with the weights it
-    # trains on (fp32: the model itself; bf16: its compute copy); under torchrun each rank has a full copy.
-    compute_dtype = common.compute_dtype(s.precision, d.device)
-    lm, tokenizer = common.load_model(s.model, dtype=torch.float32, device=d.device)
-    if s.share_prompt and lm.config._attn_implementation != "sdpa":
-        lm.set_attn_implementation("sdpa")   # the tree rows' bool 4-D mask (common.pack_shared) is SDPA's
-    ref_lm = copy.deepcopy(lm).to(compute_dtype).eval().requires_grad_(False) if s.beta > 0 else None
-    if s.lora_rank:
-        from peft import LoraConfig, get_peft_model
-        lm = get_peft_model(lm, LoraConfig(r=s.lora_rank, lora_alpha=s.lora_alpha, target_modules="all-linear"))
-    if s.grad_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    lm.train()
-    gen_lm = copy.deepcopy(lm).to(compute_dtype) if d.world > 1 else None   # before sharding: full parameters
-    scorer = common.wrap_for_training(lm, d, compute_dtype)
-    gen_lm = scorer.lm if gen_lm is None else gen_lm
-    ref_scorer = common.TokenLogprobs(ref_lm) if ref_lm is not None else None
-    hf_model = lm.get_base_model() if s.lora_rank else lm   # what checkpoints save (save_pretrained, HF keys)
-
-    # Data
-    score = suite = None
-    if s.task == "wm":
-        rows, prompt_ids = load_wm_data(s.data, tokenizer, s.max_prompt_tokens)
-        n_items = len(rows)
-        score = make_reward(s)
-        val_rows, val_ids = load_wm_data(s.val_data, tokenizer, s.max_prompt_tokens) if s.val_data else ([], [])
-        if s.val_size:   # a seeded sample: the first rows come from a few episodes of a few games
-            keep = common.sample_rows(list(range(len(val_rows))), s.val_size, s.seed)
-            val_rows, val_ids = [val_rows[i] for i in keep], [val_ids[i] for i in keep]
-    else:
-        suite = rollout.make_suite(s.env, s.split, task_type=s.task_type, user_model=s.user_model or None,
-                                   device=d.device, n_workers=s.env_workers)
-        n_items = len(suite.task_ids)
+    # the task: its items (triples or env tasks) and what one step plays on them
+    n_items, rollouts, validate = (wm_task if s.task == "wm" else policy_task)(s, d, sampler, tokenizer)
     total_steps = s.max_steps or int(s.epochs * n_items // P)
     if total_steps < 1:
         raise SystemExit(f"no training steps: {n_items} items, {P} per step, --epochs {s.epochs}")
-    params = [p for p in lm.parameters() if p.requires_grad]   # the fp32 master weights (FSDP2: their shards)
+    params = [p for p in policy.parameters() if p.requires_grad]   # the fp32 master weights (FSDP2: their shards)
     optimizer, scheduler = make_optimizer(s, params, total_steps * s.ppo_epochs)
-    common.sync_after_steps(optimizer, scorer.lm, lm)   # one-process bf16: each optimizer step refreshes the copy
-
-    state = {"step": 0, "nonfinite_in_row": 0, "nonfinite_total": 0, "alarm_start": {}, "start_rows": []}
-    latest = common.latest_checkpoint(ckpt_root) if s.resume else None
-    if latest is not None:
-        state.update(common.load_checkpoint(latest, hf_model, optimizer, scheduler)["extra"])
-        common.sync_weights(gen_lm, lm)
-        common.print0(f"resumed from {latest} at step {state['step']}")
-    elif s.resume:
-        common.print0(f"--resume: no checkpoint in {ckpt_root}, starting fresh")
+    common.sync_after_steps(optimizer, policy_logprobs.lm, policy)   # one-process bf16: refresh the compute copy
+    state = resume(s, ckpt_root, checkpoint_model, sampler, policy, optimizer, scheduler)
     log.restart(state["step"])   # rows past the checkpoint (a kill after logging) or of an earlier run go
     common.print0(f"{s.task}: {total_steps} steps x {P} {'prompts' if s.task == 'wm' else 'tasks'} x G={G}, "
                   f"{n_items} items, world {d.world}, model {s.model}")
@@ -667,100 +671,44 @@ def main(argv: list[str] | None = None) -> Path:
     for step in bar:
         t0 = time.perf_counter()
         first = step * P + d.rank * (P // d.world)           # this rank's first stream position
-        idx = stream(n_items, s.seed, first, P // d.world)
-        row = {"step": step + 1, "epoch": round((step + 1) * P / n_items, 4)}
-
-        # 1. generate
-        if s.task == "wm":
-            triples = [rows[i] for i in idx]
-            samples = sample_groups(gen_lm, tokenizer, [prompt_ids[i] for i in idx],
-                                    list(range(first, first + len(idx))), s, step, G, s.temperature, s.gen_chunk)
-        else:
-            act = rollout.model_actor(gen_lm, tokenizer, s.temperature, s.max_new_tokens, s.top_p,
-                                      generator_for(d.device, s.seed, step, first))
-            episodes = rollout.run_episodes(act, suite, [(suite.task_ids[i], g) for i in idx for g in range(G)],
-                                            env=s.env, split=s.split, model=s.model, max_steps=s.max_env_steps,
-                                            history=s.history, n_workers=s.env_workers, batch_size=len(idx) * G)
-            samples = [st["sample"] for ep in episodes for st in ep["steps"]]
-        t_gen = time.perf_counter()
-
-        # 2. score: one reward per group member (a response, or an episode), then group advantages
-        if s.task == "wm":
-            rewards = score(samples, [t for t in triples for _ in range(G)]).float()
-        else:
-            from rewards import policy_step_rewards   # the group reward is the episode return (γ = 1)
-            rewards = torch.tensor([sum(policy_step_rewards(ep["steps"], ep["success"], s.win_reward, s.step_penalty,
-                                                            s.penalize)) for ep in episodes])
-        adv = group_advantages(rewards, G, s.adv_scale)
-        zero_var = zero_variance_groups(rewards, G, s.zero_var_std)
+        # 1. generate and reward: G responses (wm) or G episodes (policy) per item, one reward each
+        roll = rollouts(stream(n_items, s.seed, first, P // d.world), first, step)
+        t_gen = t0 + roll.generate_s
+        # 2. group advantages: every sample of a member (its response, its episode's steps) carries the member's
+        adv = group_advantages(roll.rewards, G, s.adv_scale)
+        zero_var = diagnostics.zero_variance_groups(roll.rewards, G, s.zero_var_std)
         keep_group = ~zero_var if s.drop_zero_var else torch.ones_like(zero_var)   # DAPO's dynamic sampling
-        if s.task == "wm":
-            seqs = [{"prompt_ids": x.prompt_ids, "response_ids": x.response_ids, "logprobs": x.logprobs,
-                     "adv": float(adv[i])} for i, x in enumerate(samples) if keep_group[i // G]]
-        else:   # every step of an episode is a sample carrying the episode's advantage
-            seqs = [{"prompt_ids": st["sample"].prompt_ids, "response_ids": st["sample"].response_ids,
-                     "logprobs": st["sample"].logprobs, "adv": float(adv[e])}
-                    for e, ep in enumerate(episodes) if keep_group[e // G] for st in ep["steps"]]
+        seqs = [{"prompt_ids": x.prompt_ids, "response_ids": x.response_ids, "logprobs": x.logprobs,
+                 "adv": float(adv[i])} for i, member in enumerate(roll.samples) if keep_group[i // G] for x in member]
         t_score = time.perf_counter()
-
-        # 3. train
+        # 3. update: ppo_epochs optimizer steps of the GRPO loss, then the sampler takes the new weights
         lr = scheduler.get_last_lr()[0]
-        train = grpo_update(seqs, scorer, ref_scorer, params, optimizer, scheduler, s, d, tokenizer.pad_token_id)
-        common.sync_weights(gen_lm, lm)
+        train = grpo_update(seqs, policy_logprobs, reference_logprobs, params, optimizer, scheduler, s, d,
+                            tokenizer.pad_token_id)
+        common.sync_weights(sampler, policy)
         t_train = time.perf_counter()
-
-        # 4. metrics and diagnostics over all ranks (the agreement and TIS numbers came from the update)
-        t_d0 = time.perf_counter()
-        local = {"rewards": rewards.tolist(), "zero_var": zero_var.tolist(), "texts": [x.text for x in samples],
-                 "lens": [len(x.response_ids) for x in samples], "cut": [not x.finished for x in samples]}
-        if s.task == "wm":
-            local["truths"] = [t["next_state"] for t in triples]
-        else:
-            local["won"] = [ep["success"] for ep in episodes]
-            local["valid"] = [st["valid"] for ep in episodes for st in ep["steps"]]
-            local["ep_len"] = [ep["n_steps"] for ep in episodes]
-        row.update(rollout_metrics({k: [v for part in gather(d, local) for v in part[k]] for k in local}, s))
-        skipped = train.pop("skipped", None)
-        if train.pop("nonfinite", False):
-            state["nonfinite_in_row"] += 1
-            state["nonfinite_total"] += 1
-            if d.main:
-                tqdm.write(f"warning: step {step + 1}: non-finite loss or gradient, update skipped "
-                           f"({state['nonfinite_in_row']} in a row)")
-        elif not skipped:
-            state["nonfinite_in_row"] = 0
-        row.update(train, nonfinite_skips=state["nonfinite_total"], lr=lr)
-        if skipped:
-            row["skipped"] = skipped
-        if not state["alarm_start"] and "entropy" in row and all(math.isfinite(row.get(k, 0.0)) for k in START_KEYS):
-            state["start_rows"].append({k: row[k] for k in START_KEYS if k in row})
-            if len(state["start_rows"]) >= s.alarm_warmup:   # start values: the first finite steps' mean, then frozen
-                state["alarm_start"] = {k: float(np.mean([r[k] for r in state["start_rows"]]))
-                                        for k in state["start_rows"][0]}
-        row["alarms"] = check_alarms(row, state["alarm_start"], s)
-        t_diag = time.perf_counter() - t_d0
-
-        if s.task == "wm" and val_rows and s.val_every and ((step + 1) % s.val_every == 0 or step + 1 == total_steps):
-            row["val_acc"] = evaluate_held_out(gen_lm, tokenizer, score, val_rows, val_ids, s, d, step)
+        # 4. log: the rollouts over all ranks, the update's stats (agreement, TIS), alarms, held-out accuracy
+        row = {"step": step + 1, "epoch": round((step + 1) * P / n_items, 4),
+               **diagnostics.rollout_metrics(gather_logs(d, roll, zero_var), G, s.drop_zero_var),
+               **count_nonfinite(state, train, step, d), "lr": lr}
+        row["alarms"] = diagnostics.step_alarms(row, state)
+        t_diag = time.perf_counter() - t_train
+        if validate and ((step + 1) % s.val_every == 0 or step + 1 == total_steps):
+            row["val_acc"] = validate(step)
         t_end = time.perf_counter()
-        n_resp = int(all_sum(d, sum(len(x.response_ids) for x in samples))[0])
+        n_resp = int(all_sum(d, sum(len(x.response_ids) for member in roll.samples for x in member))[0])
         row.update(time_generate=t_gen - t0, time_score=t_score - t_gen, time_train=t_train - t_score,
                    time_diag=t_diag, time_step=t_end - t0, tokens_per_s=n_resp / (t_end - t0))
         log.log(row)
         if d.main:
-            for alarm in row["alarms"]:
-                tqdm.write(f"ALARM step {step + 1}: {alarm}")
-            bar.set_postfix(reward=f"{row['reward_mean']:.3f}", len=f"{row['resp_len']:.0f}",
-                            agree=f"{row['agree_mean']:.1e}" if "agree_mean" in row else "-",
-                            **({"val": f"{row['val_acc']:.3f}"} if "val_acc" in row else {}))
-
+            show(bar, row)
         state["step"] = step + 1
-        if state["nonfinite_in_row"] >= s.max_nonfinite:
+        if state["nonfinite_in_row"] >= diagnostics.MAX_NONFINITE:
             raise SystemExit(f"stopping at step {step + 1}: {state['nonfinite_in_row']} non-finite steps in a row "
                              f"(rewards, loss or gradients; see {out / 'metrics.jsonl'}). Lower --lr, check the "
                              f"reward, or resume from the last checkpoint in {ckpt_root}")
         if (step + 1) % s.save_every == 0 or step + 1 == total_steps:
-            common.save_checkpoint(ckpt_root, step + 1, hf_model, tokenizer, optimizer, scheduler,
+            common.save_checkpoint(ckpt_root, step + 1, checkpoint_model, tokenizer, optimizer, scheduler,
                                    extra={**state, "data_pos": (step + 1) * P},
                                    lora_scaling=s.lora_alpha / s.lora_rank if s.lora_rank else None)
 

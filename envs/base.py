@@ -1,4 +1,4 @@
-"""The env interface (DESIGN.md), make_env, and EnvPool: many episodes stepped together in worker processes.
+"""The env interface (below), make_env, and EnvPool: many episodes stepped together in worker processes.
 
 Every env speaks text: reset(task_id) -> (obs, info), step(action) -> (obs, reward, done, info).
   reset info: {"instruction", "admissible": list[str] | None, "gold": str | None, "task_type": str}

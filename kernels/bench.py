@@ -78,6 +78,7 @@ def _step_fn(method, size, device):
 
     b, t, _, _ = SIZES[size]
     hidden, weight, targets, mask, old, ref, adv = _inputs(size, device)
+    token_mean = (1.0 / mask.sum()).expand(b).contiguous()   # the paper's aggregation (DAPO's token mean)
     if method == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
@@ -94,7 +95,7 @@ def _step_fn(method, size, device):
 
         def step():
             logp = logprobs(hidden, weight, targets)[0].view(b, t)
-            loss_fn(logp, old, ref, adv, mask, beta=0.001)[0].backward()
+            loss_fn(logp, old, ref, adv, mask, token_mean, beta=0.001)[0].backward()
     return step, (hidden, weight)
 
 

@@ -96,7 +96,8 @@ def _cases(full: bool):
         ref = torch.zeros(3, t, dtype=dtype) if with_ref else None
         isw = torch.ones(3, t, dtype=dtype) if with_isw else None
         mask = torch.ones(3, t, dtype=torch.bool)
-        grpo_loss(logp, logp.detach(), ref, torch.zeros(3, dtype=dtype), mask, 0.2, 0.28, 0.01, is_weight=isw)
+        grpo_loss(logp, logp.detach(), ref, torch.zeros(3, dtype=dtype), mask, torch.full((3,), 1.0 / (3 * t)), 0.2,
+                  0.28, 0.01, is_weight=isw)
 
     def advantages(group_size, scale):
         group_advantages(torch.zeros(4 * group_size, dtype=torch.bfloat16), group_size, scale)

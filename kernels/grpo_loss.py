@@ -1,21 +1,17 @@
-"""The clipped GRPO surrogate with optional k3 KL, response mask and the three usual aggregations.
+"""The clipped GRPO surrogate with optional k3 KL and truncated importance weights, fused: one pass per sequence
+computes each token's loss and its d(loss)/d(logp); backward only scales that.
 
 Per token (verl's compute_policy_loss + kl_penalty("low_var_kl")):
     ratio = exp(clamp(logp - old_logp, -20, 20))
     pg    = max(-A * ratio, -A * clamp(ratio, 1 - clip_low, 1 + clip_high)) * is_weight
     kl    = clamp(exp(d) - d - 1, -10, 10) with d = clamp(ref_logp - logp, -20, 20)     (k3, Schulman 2020)
-    loss_t = pg + beta * kl
-Aggregation over the response mask:
-    token-mean              sum(loss_t) / #tokens in the batch                           (DAPO; the paper's)
-    seq-mean-token-mean     mean over sequences of the per-sequence token mean          (original GRPO)
-    seq-mean-token-sum-norm mean over sequences of token sum / T, T = the padded length (Dr. GRPO, as in its
-                            code and TRL's "dr_grpo"; verl's variant drops the 1/B)
-A fully masked sequence adds 0 (and still counts in the sequence means, as in TRL).
-Stats, masked token means: clip_frac_low (A < 0, ratio < 1 - clip_low: the clip zeroes the gradient),
-clip_frac_high (A > 0, ratio > 1 + clip_high), ratio_mean, kl_mean (0 without ref_logp). They are detached
-0-d tensors: no GPU sync unless the caller asks with .item().
-
-The Triton kernel computes each token's loss and d(loss)/d(logp) in the same pass; backward only scales that.
+    loss  = sum over the masked tokens of (pg + beta * kl) * row_weight[sequence]
+The caller's row weights aggregate: 1/#tokens for a token mean, 1/(B * length) for the mean of per-sequence means,
+1/(B * T) for Dr. GRPO's constant budget; train_rwml.grpo_loss gives them over the whole step's batch, and is the
+PyTorch statement of the same objective this kernel fuses (tests/test_trainer_math.py holds the two equal).
+Stats, sums over the masked tokens (detached 0-d tensors: no GPU sync unless the caller asks with .item()):
+clipped_low (A < 0, ratio < 1 - clip_low: the clip zeroes the gradient), clipped_high (A > 0, ratio > 1 + clip_high),
+ratio_sum, kl_sum (0 without ref_logp).
 """
 import torch
 import triton
@@ -23,8 +19,7 @@ import triton.language as tl
 
 from kernels import use_triton
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-STATS = ("clip_frac_low", "clip_frac_high", "ratio_mean", "kl_mean")
+STATS = ("clipped_low", "clipped_high", "ratio_sum", "kl_sum")
 
 
 @triton.jit
@@ -36,7 +31,7 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, isw_ptr, ro
     base = row.to(tl.int64) * T
     cols = tl.arange(0, BLOCK_T)
     a = tl.load(adv_ptr + row).to(tl.float32)
-    w = tl.load(row_w_ptr + row)  # the aggregation's weight for this sequence's tokens
+    w = tl.load(row_w_ptr + row)  # the aggregation's weight for this sequence's tokens (fp32)
     loss = 0.0
     n_low = 0.0
     n_high = 0.0
@@ -82,31 +77,21 @@ def _grpo_loss_kernel(logp_ptr, old_ptr, ref_ptr, adv_ptr, mask_ptr, isw_ptr, ro
     tl.store(out_ptr + 4 * B + row, kl_sum)
 
 
-def _row_weights(mask, agg):
-    """Weight of each sequence's tokens in the aggregated loss [B] (mask float [B, T])."""
-    b, t = mask.shape
-    if agg == "token-mean":
-        return (1.0 / mask.sum().clamp(min=1)).expand(b).contiguous()
-    if agg == "seq-mean-token-mean":
-        return 1.0 / (b * mask.sum(1).clamp(min=1))
-    return torch.full((b,), 1.0 / (b * t), device=mask.device)
-
-
 class _FusedGRPOLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logp, old_logp, ref_logp, adv, mask, is_weight, clip_low, clip_high, beta, agg):
+    def forward(ctx, logp, old_logp, ref_logp, adv, mask, row_weight, is_weight, clip_low, clip_high, beta):
         b, t = logp.shape
         mask = mask.to(torch.float32).contiguous()
         grad = torch.empty(b, t, dtype=torch.float32, device=logp.device)
         out = torch.empty(5, b, dtype=torch.float32, device=logp.device)
         _grpo_loss_kernel[(b,)](
             logp, old_logp, logp if ref_logp is None else ref_logp, adv, mask,
-            logp if is_weight is None else is_weight, _row_weights(mask, agg), grad, out, b, t,
+            logp if is_weight is None else is_weight, row_weight.to(torch.float32).contiguous(), grad, out, b, t,
             clip_low, clip_high, beta, HAS_REF=ref_logp is not None, HAS_ISW=is_weight is not None,
             BLOCK_T=min(triton.next_power_of_2(t), 1024))
         ctx.save_for_backward(grad)
         ctx.logp_dtype = logp.dtype
-        stats = out[1:].sum(1) / mask.sum().clamp(min=1)
+        stats = out[1:].sum(1)
         ctx.mark_non_differentiable(stats)
         return out[0].sum(), stats
 
@@ -116,35 +101,31 @@ class _FusedGRPOLoss(torch.autograd.Function):
         return (grad * g_loss).to(ctx.logp_dtype), None, None, None, None, None, None, None, None, None
 
 
-def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip_low=0.2, clip_high=0.2, beta=0.0, agg="token-mean",
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, row_weight, clip_low=0.2, clip_high=0.2, beta=0.0,
               is_weight=None):
-    """logp, old_logp, ref_logp (or None), mask, is_weight (or None) [B, T]; adv [B] -> (loss, stats dict).
-
-    Gradient flows to logp only; old_logp, ref_logp, adv and is_weight (truncated importance weights that
-    multiply the policy term) are treated as constants. Formulas and aggregations: module docstring.
-    """
-    if agg not in AGGREGATIONS:
-        raise ValueError(f"grpo_loss: agg must be one of {AGGREGATIONS}, got {agg!r}")
+    """logp, old_logp, ref_logp (or None), mask, is_weight (or None) [B, T]; adv, row_weight [B] -> (loss, stats
+    dict of sums). Gradient flows to logp only; old_logp, ref_logp, adv, row_weight and is_weight (truncated
+    importance weights that multiply the policy term) are constants. Formulas: module docstring."""
     if logp.dim() != 2 or logp.numel() == 0:
         raise ValueError(f"grpo_loss: logp [B, T] expected, got {tuple(logp.shape)}")
     named = {"old_logp": old_logp, "ref_logp": ref_logp, "mask": mask, "is_weight": is_weight}
     for name, x in named.items():
         if x is not None and x.shape != logp.shape:
             raise ValueError(f"grpo_loss: {name} must have logp's shape {tuple(logp.shape)}, got {tuple(x.shape)}")
-    if adv.shape != logp.shape[:1]:
-        raise ValueError(f"grpo_loss: adv [{logp.shape[0]}] expected, got {tuple(adv.shape)}")
-    consts = [None if x is None else x.detach().contiguous() for x in (old_logp, ref_logp, adv, is_weight)]
+    for name, x in (("adv", adv), ("row_weight", row_weight)):
+        if x.shape != logp.shape[:1]:
+            raise ValueError(f"grpo_loss: {name} [{logp.shape[0]}] expected, got {tuple(x.shape)}")
+    consts = [None if x is None else x.detach().contiguous() for x in (old_logp, ref_logp, adv, row_weight, is_weight)]
     if use_triton(*[x for x in (logp, mask, *consts) if x is not None]):
-        old_logp, ref_logp, adv, is_weight = consts
-        loss, stats = _FusedGRPOLoss.apply(logp.contiguous(), old_logp, ref_logp, adv, mask, is_weight,
-                                           clip_low, clip_high, beta, agg)
+        loss, stats = _FusedGRPOLoss.apply(logp.contiguous(), *consts[:3], mask, *consts[3:], clip_low, clip_high,
+                                           beta)
     else:
-        loss, stats = grpo_loss_reference(logp, *consts[:3], mask, clip_low, clip_high, beta, agg, consts[3])
+        loss, stats = grpo_loss_reference(logp, *consts[:3], mask, consts[3], clip_low, clip_high, beta, consts[4])
     return loss, dict(zip(STATS, stats.unbind()))
 
 
-def grpo_loss_reference(logp, old_logp, ref_logp, adv, mask, clip_low=0.2, clip_high=0.2, beta=0.0,
-                        agg="token-mean", is_weight=None):
+def grpo_loss_reference(logp, old_logp, ref_logp, adv, mask, row_weight, clip_low=0.2, clip_high=0.2, beta=0.0,
+                        is_weight=None):
     """Plain PyTorch autograd version -> (loss, stats [4] in STATS order); the float64 reference of the tests."""
     acc = torch.promote_types(logp.dtype, torch.float32)
     m, a = mask.to(acc), adv.to(acc)[:, None]
@@ -158,15 +139,8 @@ def grpo_loss_reference(logp, old_logp, ref_logp, adv, mask, clip_low=0.2, clip_
     if ref_logp is not None:
         d = torch.where(on, ref_logp.to(acc) - logp, 0.0).clamp(-20, 20)
         kl = (d.exp() - d - 1).clamp(-10, 10)
-    token_loss = (pg + beta * kl) * m
-    if agg == "token-mean":
-        loss = token_loss.sum() / m.sum().clamp(min=1)
-    elif agg == "seq-mean-token-mean":
-        loss = (token_loss.sum(1) / m.sum(1).clamp(min=1)).mean()
-    else:
-        loss = token_loss.sum(1).mean() / logp.shape[1]
+    loss = ((pg + beta * kl) * m * row_weight.to(acc)[:, None]).sum()
     with torch.no_grad():
-        n = m.sum().clamp(min=1)
         low, high = (a < 0) & (ratio < 1 - clip_low), (a > 0) & (ratio > 1 + clip_high)
-        stats = torch.stack([(m * low).sum(), (m * high).sum(), (m * ratio).sum(), (m * kl).sum()]) / n
+        stats = torch.stack([(m * low).sum(), (m * high).sum(), (m * ratio).sum(), (m * kl).sum()])
     return loss, stats

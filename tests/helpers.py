@@ -172,11 +172,11 @@ def reference_update(lm, ref, seqs: list[dict], s: train_rwml.Settings) -> dict[
 
 def run_grpo_update(lm, ref, seqs: list[dict], s: train_rwml.Settings, d: common.Dist) -> dict:
     """train_rwml.grpo_update with SGD on this rank's seqs (lm wrapped by common.wrap_for_training beforehand)."""
-    scorer = lm if isinstance(lm, common.TokenLogprobs) else common.wrap_for_training(lm, d)
-    params = [p for p in scorer.lm.parameters() if p.requires_grad]
+    policy_logprobs = lm if isinstance(lm, common.TokenLogprobs) else common.wrap_for_training(lm, d)
+    params = [p for p in policy_logprobs.lm.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=s.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    return train_rwml.grpo_update(seqs, scorer, common.TokenLogprobs(ref), params, opt, sched, s, d, pad_id=0)
+    return train_rwml.grpo_update(seqs, policy_logprobs, common.TokenLogprobs(ref), params, opt, sched, s, d, pad_id=0)
 
 
 def main(out: str) -> None:
@@ -188,9 +188,9 @@ def main(out: str) -> None:
     lm, ref = make_models()
     seqs = make_seqs(lm)
     s = grpo_settings(tis_cap=2.0)
-    scorer = common.wrap_for_training(lm, d)
+    policy_logprobs = common.wrap_for_training(lm, d)
     half = len(seqs) // d.world
-    stats = run_grpo_update(scorer, ref, seqs[d.rank * half:(d.rank + 1) * half], s, d)
+    stats = run_grpo_update(policy_logprobs, ref, seqs[d.rank * half:(d.rank + 1) * half], s, d)
     full = {n: p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for n, p in lm.named_parameters()}
     if d.main:
         torch.save({"params": full, "stats": stats}, out / "params.pt")

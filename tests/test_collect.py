@@ -49,7 +49,7 @@ def mixed_actor(seed=0):
 
 
 def settings(tmp_path, **kw) -> collect.Settings:
-    base = dict(model="tiny", rollouts=1, max_steps=3, max_new_tokens=8, batch_size=4, out_dir=str(tmp_path / "out"))
+    base = dict(model="tiny", rollouts=1, max_env_steps=3, max_new_tokens=8, batch_size=4, out_dir=str(tmp_path / "out"))
     return collect.Settings(**{**base, **kw})
 
 
@@ -65,7 +65,7 @@ def check_outputs(s: collect.Settings) -> tuple[list[dict], list[dict]]:
     n_steps = n_invalid = 0
     for e in episodes:
         assert "error" not in e, e["error"]
-        assert e["n_steps"] == len(e["steps"]) <= s.max_steps and e["env"] == s.env and e["split"] == s.split
+        assert e["n_steps"] == len(e["steps"]) <= s.max_env_steps and e["env"] == s.env and e["split"] == s.split
         assert e["success"] == (e["steps"][-1]["done"] and e["success"])  # a win ends the episode
         for t, step in enumerate(e["steps"]):
             assert set(step) >= STEP_KEYS and "sample" not in step
@@ -160,11 +160,11 @@ def test_garbage_replies_are_invalid_and_a_broken_env_fails_only_its_episode():
         return [Sample([], [], rng.choice(garbage), [], False) for _ in infos]
 
     jobs = [("n4", 0), ("boom", 0), ("broken", 0), ("n2", 0)]
-    episodes = run_episodes(act, FakeSuite(), jobs, env="fake", split="x", batch_size=2, max_steps=3,
+    episodes = run_episodes(act, FakeSuite(), jobs, env="fake", split="x", batch_size=2, max_env_steps=3,
                             on_done=lambda e: done_order.append(e["task_id"]))
     n4, boom, broken, n2 = episodes
     assert sorted(done_order) == sorted(t for t, _ in jobs)
-    assert "error" not in n4 and n4["n_steps"] == 3 and not n4["success"]  # cut at max_steps, env not done
+    assert "error" not in n4 and n4["n_steps"] == 3 and not n4["success"]  # cut at max_env_steps, env not done
     assert not n4["steps"][-1]["done"]
     assert "engine crashed" in boom["error"] and boom["n_steps"] == 1 and not boom["success"]
     assert "cannot load" in broken["error"] and broken["steps"] == [] and not broken["success"]
@@ -285,18 +285,18 @@ def test_merge_keeps_one_row_per_pair_and_a_retry_replaces_a_failed_row(tmp_path
 # Real envs
 
 def test_tiny_model_on_textworld_express_writes_valid_files_reproducibly(tmp_path):
-    s = settings(tmp_path, env="twx", split="train", n_tasks=2, rollouts=2, max_steps=2)
+    s = settings(tmp_path, env="twx", split="train", n_tasks=2, rollouts=2, max_env_steps=2)
     collect.main(s)
     episodes, _ = check_outputs(s)
     assert len(episodes) == 4 and {e["task_type"] for e in episodes} <= {"cookingworld", "twc", "coin"}
-    again = settings(tmp_path, env="twx", split="train", n_tasks=2, rollouts=2, max_steps=2,
+    again = settings(tmp_path, env="twx", split="train", n_tasks=2, rollouts=2, max_env_steps=2,
                      out_dir=str(tmp_path / "again"))
     collect.main(again)
     assert read_jsonl(Path(again.out_dir) / "episodes.jsonl") == episodes  # same seed, same episodes
 
 
 def test_tiny_model_on_alfworld_writes_valid_files(tmp_path):
-    s = settings(tmp_path, env="alfworld", split="train", max_steps=2)
+    s = settings(tmp_path, env="alfworld", split="train", max_env_steps=2)
     collect.main(s)
     episodes, _ = check_outputs(s)
     assert len(episodes) == 2 and all(e["task_type"] and e["instruction"] for e in episodes)
@@ -305,7 +305,7 @@ def test_tiny_model_on_alfworld_writes_valid_files(tmp_path):
 
 
 def test_triples_line_up_with_episodes_and_invalid_steps_are_dropped(tmp_path):
-    s = settings(tmp_path, env="alfworld", split="valid_seen", max_steps=8, rollouts=2, history=2, val_split="tasks")
+    s = settings(tmp_path, env="alfworld", split="valid_seen", max_env_steps=8, rollouts=2, history=2, val_split="tasks")
     collect.main(s, act=mixed_actor())
     episodes, triples = check_outputs(s)
     invalid = [st for e in episodes for st in e["steps"] if not st["valid"]]
@@ -319,7 +319,7 @@ def test_triples_line_up_with_episodes_and_invalid_steps_are_dropped(tmp_path):
                                                ("twx", "dev", 6)])
 def test_expert_policy_wins_every_episode_without_a_model(tmp_path, env, split, n_tasks):
     """--policy expert plays the env's gold actions (ALFWorld: the walkthrough) on the real games; no model loads."""
-    s = settings(tmp_path, env=env, split=split, n_tasks=n_tasks, max_steps=50, batch_size=8, policy="expert",
+    s = settings(tmp_path, env=env, split=split, n_tasks=n_tasks, max_env_steps=50, batch_size=8, policy="expert",
                  model="no-such-model")
     stats = collect.main(s)
     episodes, triples = check_outputs(s)
@@ -355,7 +355,7 @@ def replay(suite, task_id: str, actions: list[str]) -> str:
     pytest.param("alfworld", "train", "pick_and_place_simple", 3, marks=pytest.mark.slow)])  # ~3 s a game load
 def test_alternatives_are_real_transitions_from_the_expert_states(tmp_path, env, split, task_type, max_steps):
     from envs import make_env
-    s = settings(tmp_path, env=env, split=split, task_type=task_type, n_tasks=2, max_steps=max_steps,
+    s = settings(tmp_path, env=env, split=split, task_type=task_type, n_tasks=2, max_env_steps=max_steps,
                  policy="expert", alternatives=2, model="no-such-model")
     stats = collect.main(s)
     episodes, own = check_outputs(s)
@@ -436,7 +436,7 @@ def test_model_alternatives_are_distinct_admissible_and_not_the_expert_action(tm
 
 
 def test_a_killed_run_resumes_without_duplicates(tmp_path):
-    s = settings(tmp_path, env="twx", split="train", n_tasks=4, rollouts=2, max_steps=4, batch_size=3)
+    s = settings(tmp_path, env="twx", split="train", n_tasks=4, rollouts=2, max_env_steps=4, batch_size=3)
     calls = {"n": 0}
     inner = mixed_actor(1)
 
@@ -468,8 +468,8 @@ def test_bad_settings_and_a_rerun_with_other_settings_are_clear_errors(tmp_path)
         collect.main(settings(tmp_path, policy="expert", explore=0.5))
     with pytest.raises(SystemExit, match="τ² has not: use --alternative-source model"):
         collect.main(settings(tmp_path, env="tau2", policy="expert", alternatives=2))
-    save_config(settings(tmp_path, max_steps=5), tmp_path / "out")
-    with pytest.raises(SystemExit, match="--max-steps 5 -> 3"):
+    save_config(settings(tmp_path, max_env_steps=5), tmp_path / "out")
+    with pytest.raises(SystemExit, match="--max-env-steps 5 -> 3"):
         collect.main(settings(tmp_path, env="twx", split="train"))
 
 
@@ -488,7 +488,7 @@ def test_explore_asks_the_model_only_for_steps_that_do_not_explore(tmp_path):
     everything = collect.explore_actor(model, 1.0, random.Random(0))(["m"] * 40, infos)
     assert not asked and all(x.text.startswith("<think>explore") for x in everything)
     # with --explore 1 on a text game collect.py plays without loading any model
-    s = settings(tmp_path, env="alfworld", split="train", max_steps=2, model="no-such-model", explore=1.0)
+    s = settings(tmp_path, env="alfworld", split="train", max_env_steps=2, model="no-such-model", explore=1.0)
     collect.main(s)
     episodes, triples = check_outputs(s)
     assert all(st["valid"] for e in episodes for st in e["steps"]) and len(triples) == 4

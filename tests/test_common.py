@@ -137,10 +137,23 @@ def test_settings_flags_config_and_errors(tmp_path, capsys):
         with pytest.raises(SystemExit):
             common.parse_settings(Settings, argv)
         assert needle in capsys.readouterr().err
-    cfg.write_text(json.dumps({"stepz": 1}))
-    with pytest.raises(SystemExit):
-        common.parse_settings(Settings, ["--config", str(cfg)])
-    assert "unknown setting 'stepz'" in capsys.readouterr().err
+    for bad, needle in [({"stepz": 1}, "unknown setting 'stepz'"), ({"steps": "ten"}, "steps = 'ten' is not a int"),
+                        ({"task": "x"}, "task = 'x': choose from wm, policy"), ({"steps": True}, "is not a int")]:
+        cfg.write_text(json.dumps(bad))
+        with pytest.raises(SystemExit):
+            common.parse_settings(Settings, ["--config", str(cfg)])
+        assert needle in capsys.readouterr().err
+
+
+def test_a_flag_given_at_its_default_value_beats_the_config_file(tmp_path):
+    """The command line always wins over --config, also when the flag's value equals the field's default."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"lr": 3e-5, "gradient_checkpointing": True, "resume": "x", "steps": 2}))
+    for argv in (["--lr", "1e-6", "--config", str(cfg)], ["--config", str(cfg), "--lr", "1e-6"]):
+        s = common.parse_settings(Settings, [*argv, "--no-gradient-checkpointing", "--resume", "none"])
+        assert (s.lr, s.gradient_checkpointing, s.resume, s.steps) == (1e-6, False, None, 2)
+    s = common.parse_settings(Settings, ["--config", str(cfg)])
+    assert (s.lr, s.gradient_checkpointing, s.resume, s.steps) == (3e-5, True, "x", 2)
 
 
 def test_read_jsonl_names_file_and_line(tmp_path):

@@ -1,6 +1,6 @@
-"""Issue 12: the trainer catches the silent GRPO bugs by itself. Token-in/token-out, rollout/trainer log-prob
-agreement (and a wrong trainer temperature caught), positive log-probs, truncated IS, zero-variance groups,
-alarms, non-finite steps, and the world-model reward-hacking monitor."""
+"""The trainer catches the silent GRPO bugs by itself (diagnostics.py, README "Diagnostics"). Token-in/token-out,
+rollout/trainer log-prob agreement (and a wrong trainer temperature caught), positive log-probs, truncated IS,
+zero-variance groups, alarms, non-finite steps, and the world-model reward-hacking monitor."""
 import math
 
 import pytest
@@ -16,10 +16,9 @@ from helpers import (
 )
 
 import common
+import diagnostics
 import train_rwml
 from prompts import extract_next_state
-
-S = train_rwml.Settings()
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +89,7 @@ def test_a_wrong_trainer_temperature_is_detected(tmp_path, monkeypatch, capsys, 
                         forward(self, ids, attn, mask, 1.0, with_entropy, **kw))
     toy_reward(monkeypatch)
     row = one_step(peaked_model, triples, tmp_path, "--temperature", 0.7, "--tis-cap", 2)
-    assert row["agree_mean"] > S.agree_tol
+    assert row["agree_mean"] > diagnostics.AGREE_TOL
     assert any("log-prob mismatch" in a for a in row["alarms"])
     assert "ALARM step 1: rollout/trainer log-prob mismatch" in capsys.readouterr().out
     assert row["tis_capped_frac"] > 0 and row["tis_weight_mean"] != pytest.approx(1.0, abs=1e-3)
@@ -117,7 +116,7 @@ def test_tis_weights_are_capped_ratios_on_the_mask():
     old = torch.tensor([[0.0, -1.0, -2.0, -0.5]])
     rollout = torch.tensor([[0.0, -2.0, -1.0, -3.0]])
     mask = torch.tensor([[False, True, True, True]])
-    w = train_rwml.tis_weights(old, rollout, mask, cap=2.0)
+    w = diagnostics.tis_weights(old, rollout, mask, cap=2.0)
     assert torch.allclose(w, torch.tensor([[0.0, 2.0, math.exp(-1.0), 2.0]]))
 
 
@@ -134,12 +133,12 @@ def test_tis_is_a_no_op_when_sampler_and_trainer_agree(tmp_path, monkeypatch, tr
 
 def test_zero_variance_uses_a_std_threshold():
     binary = torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 0])
-    assert train_rwml.zero_variance_groups(binary, 4, 0.01).tolist() == [True, False]
+    assert diagnostics.zero_variance_groups(binary, 4, 0.01).tolist() == [True, False]
     snapped = torch.tensor([0.4, 0.4, 0.4, 0.4 + 1e-9, 0.4, 0.4, 0.6, 0.4])   # ROUGE snapped to 0.2, float noise
-    assert train_rwml.zero_variance_groups(snapped, 4, 0.01).tolist() == [True, False]
+    assert diagnostics.zero_variance_groups(snapped, 4, 0.01).tolist() == [True, False]
     cosine = torch.tensor([0.81, 0.812, 0.809, 0.811])                      # raw cosine, --reward-mode score
-    assert train_rwml.zero_variance_groups(cosine, 4, 0.01).tolist() == [True]
-    assert train_rwml.zero_variance_groups(torch.tensor([1.0, float("nan")]), 2, 0.01).tolist() == [True]
+    assert diagnostics.zero_variance_groups(cosine, 4, 0.01).tolist() == [True]
+    assert diagnostics.zero_variance_groups(torch.tensor([1.0, float("nan")]), 2, 0.01).tolist() == [True]
 
 
 def test_zero_variance_groups_are_logged_and_dropped(tmp_path, monkeypatch, triples):
@@ -172,19 +171,21 @@ START = {"resp_len": 100.0, "entropy": 1.0, "format_error_rate": 0.1, "invalid_r
     ({"agree_mean": 0.3}, "log-prob mismatch"),
 ])
 def test_alarms_fire(change, words):
-    assert train_rwml.check_alarms(HEALTHY, START, S) == []
-    alarms = train_rwml.check_alarms({**HEALTHY, **change}, START, S)
+    assert diagnostics.check_alarms(HEALTHY, START) == []
+    alarms = diagnostics.check_alarms({**HEALTHY, **change}, START)
     assert len(alarms) == 1 and words in alarms[0], alarms
 
 
 def test_start_relative_alarms_wait_for_the_start_values():
-    assert train_rwml.check_alarms({**HEALTHY, "resp_len": 1000.0}, {}, S) == []
+    assert diagnostics.check_alarms({**HEALTHY, "resp_len": 1000.0}, {}) == []
 
 
 def test_alarm_start_values_come_from_the_first_steps(tmp_path, monkeypatch, triples):
     toy_reward(monkeypatch)
-    train_rwml.main(small("tiny", triples, tmp_path, "--max-steps", "3", "--alarm-warmup", "2", "--lr", "1e-3",
-                          "--max-new-tokens", "4", "--group-size", "2", "--length-alarm", "0.5"))
+    monkeypatch.setattr(diagnostics, "ALARM_WARMUP", 2)
+    monkeypatch.setattr(diagnostics, "LENGTH_ALARM", 0.5)
+    train_rwml.main(small("tiny", triples, tmp_path, "--max-steps", "3", "--lr", "1e-3", "--max-new-tokens", "4",
+                          "--group-size", "2"))
     alarms = [r["alarms"] for r in metrics(tmp_path)]
     # length 4 every step: past 0.5x its start as soon as the start is known (after 2 steps)
     assert not any("response length" in a for a in alarms[0]) and any("response length" in a for a in alarms[2])
@@ -192,9 +193,10 @@ def test_alarm_start_values_come_from_the_first_steps(tmp_path, monkeypatch, tri
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, monkeypatch, triples):
     toy_reward(monkeypatch, lambda samples, triples: torch.full((len(samples),), float("nan")))
+    monkeypatch.setattr(diagnostics, "MAX_NONFINITE", 2)
     with pytest.raises(SystemExit, match="2 non-finite steps in a row"):
-        train_rwml.main(small("tiny", triples, tmp_path, "--max-steps", "5", "--max-nonfinite", "2",
-                              "--save-every", "1", "--group-size", "2", "--max-new-tokens", "4", "--lr", "1e-2"))
+        train_rwml.main(small("tiny", triples, tmp_path, "--max-steps", "5", "--save-every", "1", "--group-size", "2",
+                              "--max-new-tokens", "4", "--lr", "1e-2"))
     rows = metrics(tmp_path)
     assert [r["nonfinite_skips"] for r in rows] == [1, 2]
     assert any("non-finite reward_mean" in a for a in rows[0]["alarms"])
@@ -213,8 +215,8 @@ TRUTHS = ["You pick up the apple from the table 1.", "The drawer 1 is open. In i
 def wm(predict):
     G = 4
     preds = [f"<think>x</think><next_state>{predict(t, g)}</next_state>" for t in TRUTHS for g in range(G)]
-    row = train_rwml.wm_hacking_monitor([extract_next_state(p) for p in preds], TRUTHS, G)
-    return row, train_rwml.check_alarms({**HEALTHY, **row}, START, S)
+    row = diagnostics.wm_hacking_monitor([extract_next_state(p) for p in preds], TRUTHS, G)
+    return row, diagnostics.check_alarms({**HEALTHY, **row}, START)
 
 
 def test_a_generic_predictor_raises_the_hacking_monitor():

@@ -90,7 +90,7 @@ def test_success_mean_and_std_over_rollouts():
 
 def test_agent_eval_samples_three_runs_per_task_by_default(tmp_path):
     res = evaluate.main(["--what", "agent", "--model", "tiny", "--env", "twx", "--split", "train", "--n-tasks", "1",
-                         "--max-steps", "1", "--max-new-tokens", "4", "--out-dir", str(tmp_path)])
+                         "--max-env-steps", "1", "--max-new-tokens", "4", "--out-dir", str(tmp_path)])
     config = json.loads((tmp_path / "config.json").read_text())
     assert (config["temperature"], config["rollouts"]) == (1.0, 3)
     assert res["n_episodes"] == 3 and res["trials"] == 3 and len(res["success_by_rollout"]) == 3
@@ -318,7 +318,7 @@ FIXTURE_GAMES = Path(__file__).resolve().parent / "fixtures" / "alfworld"
 
 def agent_eval(out, n_tasks):
     return evaluate.main(["--what", "agent", "--model", "tiny", "--env", "alfworld", "--split", "valid_seen",
-                          "--n-tasks", str(n_tasks), "--max-steps", "2", "--max-new-tokens", "8", "--greedy",
+                          "--n-tasks", str(n_tasks), "--max-env-steps", "2", "--max-new-tokens", "8", "--greedy",
                           "--out-dir", str(out)])
 
 
@@ -481,7 +481,7 @@ def test_arms_load_each_model_once_and_resume(tmp_path, monkeypatch, probe_file)
     out = tmp_path / "eval"
     argv = ["--what", "arms", "--arms", f"base={base},rwml={rwml}", "--triples", str(tmp_path / "t.jsonl"),
             "--n-triples", "4", "--probe", str(probe_file), "--agent-splits", "valid_seen", "--n-tasks", "1",
-            "--max-steps", "1", "--max-new-tokens", "4", "--probe-max-new-tokens", "4", "--out-dir", str(out)]
+            "--max-env-steps", "1", "--max-new-tokens", "4", "--probe-max-new-tokens", "4", "--out-dir", str(out)]
     got = evaluate.main(argv)
     assert loads == [base, rwml] and len(embedders) == 1
     assert set(got["base"]) == {"wm", "forgetting", "alfworld/valid_seen"}  # the start arm: no weights vs itself

@@ -188,7 +188,7 @@ def filtered(data, tmp_path_factory) -> Path:
 
 
 def test_filtered_jsonl_is_valid(filtered, data):
-    rows = common.read_jsonl(filtered / "filtered.jsonl", filt.TRIPLE_KEYS + ("easy_hits", "easy", "kept"))
+    rows = common.read_jsonl(filtered / "filtered.jsonl", common.TRIPLE_KEYS + ("easy_hits", "easy", "kept"))
     train = common.read_jsonl(data / "train.jsonl")
     assert [r["id"] for r in rows] == [t["id"] for t in train]
     for r, t in zip(rows, train):
@@ -247,7 +247,7 @@ def test_agent_episodes_add_agent_format_examples_that_carry_only_the_action_tak
     import collect
     from prompts import parse_action
     # random admissible actions on TextWorld-Express, no model: the cold start's format-only data
-    play = collect.Settings(env="twx", split="train", model="none", n_tasks=3, rollouts=1, max_steps=3, explore=1.0,
+    play = collect.Settings(env="twx", split="train", model="none", n_tasks=3, rollouts=1, max_env_steps=3, explore=1.0,
                             out_dir=str(tmp_path / "twx"))
     collect.main(play)
     episodes = common.read_jsonl(tmp_path / "twx" / "episodes.jsonl")

@@ -5,7 +5,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels import group_advantages, grpo_loss, token_logprobs
 from kernels.advantages import group_advantages_reference
-from kernels.grpo_loss import AGGREGATIONS, grpo_loss_reference
+from kernels.grpo_loss import grpo_loss_reference
 from kernels.logprobs import token_logprobs_reference
 
 
@@ -137,8 +137,9 @@ def test_float64_references_pass_gradcheck(monkeypatch):
     logp, old, ref, adv, mask, is_weight = grpo_inputs(3, 6, torch.float64, seed=3)
     old = old.clamp(logp - 3, logp + 3)  # outside the clip, but not at ratio e^20 where finite differences drown
     for agg in AGGREGATIONS:
+        row_w = row_weights(mask, agg).double()
         assert torch.autograd.gradcheck(
-            lambda x, agg=agg: grpo_loss_reference(x, old, ref, adv, mask, 0.2, 0.28, 0.1, agg, is_weight)[0],
+            lambda x, w=row_w: grpo_loss_reference(x, old, ref, adv, mask, w, 0.2, 0.28, 0.1, is_weight)[0],
             (logp.requires_grad_(),))
 
 
@@ -184,6 +185,20 @@ def test_group_advantages_degenerate_groups(path, scale):
 
 # ---------------------------------------------------------------- grpo_loss
 
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def row_weights(mask, agg):
+    """The per-sequence token weight of each aggregation over this batch (train_rwml.grpo_loss gives the same over
+    a whole step): token mean, mean of per-sequence token means, token sums over T = the padded length."""
+    b, t = mask.shape
+    if agg == "token-mean":
+        return torch.full((b,), 1.0 / max(int(mask.sum()), 1))
+    if agg == "seq-mean-token-mean":
+        return 1.0 / (b * mask.sum(1).clamp(min=1))
+    return torch.full((b,), 1.0 / (b * t))
+
+
 def grpo_inputs(b, t, dtype, seed):
     """b >= 3: rows 0 and 1 (full length, advantages of both signs) carry every clamp region; the last row is
     fully masked."""
@@ -228,13 +243,14 @@ def plain_grpo_loss(logp, old, ref, adv, mask, clip_low, clip_high, beta, agg, i
         ratio_sum += float(r.detach().sum())
         kl_sum += float(kl.detach().sum())
     n_tokens = max(int(mask.sum()), 1)
+    stats = torch.tensor([n_low, n_high, ratio_sum, kl_sum], dtype=torch.float64)
     if agg == "token-mean":
         loss = sum(x.sum() for x in per_seq) / n_tokens
     elif agg == "seq-mean-token-mean":
         loss = sum(x.sum() / max(len(x), 1) for x in per_seq) / len(per_seq)
     else:
         loss = sum(x.sum() / logp.shape[1] for x in per_seq) / len(per_seq)
-    return loss, torch.tensor([n_low, n_high, ratio_sum, kl_sum], dtype=torch.float64) / n_tokens
+    return loss, stats
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -243,16 +259,16 @@ def plain_grpo_loss(logp, old, ref, adv, mask, clip_low, clip_high, beta, agg, i
 def test_grpo_loss_matches_float64_reference(path, agg, dtype, shape):
     logp, old, ref, adv, mask, is_weight = grpo_inputs(*shape, dtype, seed=5)
     x = logp.detach().requires_grad_()
-    loss, stats = grpo_loss(x, old, ref, adv, mask, 0.2, 0.28, 0.1, agg, is_weight)
+    loss, stats = grpo_loss(x, old, ref, adv, mask, row_weights(mask, agg), 0.2, 0.28, 0.1, is_weight)
     loss.backward()
     x64 = logp.double().requires_grad_()
     loss64, stats64 = plain_grpo_loss(x64, old, ref, adv, mask, 0.2, 0.28, 0.1, agg, is_weight)
     loss64.backward()
-    assert x.grad.dtype == dtype and set(stats) == {"clip_frac_low", "clip_frac_high", "ratio_mean", "kl_mean"}
+    assert x.grad.dtype == dtype and set(stats) == {"clipped_low", "clipped_high", "ratio_sum", "kl_sum"}
     assert abs(loss.item() - loss64.item()) < 1e-5 * max(1.0, abs(loss64.item()))
     assert rel_err(x.grad, x64.grad) < (1e-2 if dtype == torch.bfloat16 else 1e-5)  # bf16: the grad's own rounding
     assert torch.all(x.grad[~mask] == 0)
-    torch.testing.assert_close(torch.stack(list(stats.values())).double(), stats64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.stack(list(stats.values())).double(), stats64, rtol=1e-5, atol=1e-5)
 
 
 def test_grpo_loss_formulas(path):
@@ -260,53 +276,53 @@ def test_grpo_loss_formulas(path):
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     logp = torch.full((3, 4), -1.0)
     logp[~mask] = -float("inf")  # padding garbage must not leak into loss or gradient
+    token_mean = row_weights(mask, "token-mean")
     # On policy, no KL: loss = -mean A over tokens, d loss / d logp = -A / #tokens.
     x = logp.clone().requires_grad_()
-    loss, stats = grpo_loss(x, logp, logp, adv, mask, beta=0.1)
+    loss, stats = grpo_loss(x, logp, logp, adv, mask, token_mean, beta=0.1)
     loss.backward()
     assert loss.item() == pytest.approx(-(3 * 1 - 2 * 1 + 4 * 2) / 9)
     torch.testing.assert_close(x.grad, -adv[:, None].expand(3, 4) * mask / 9)
-    assert stats["ratio_mean"].item() == pytest.approx(1) and stats["kl_mean"].item() == 0
-    # Dr. GRPO divides each sequence's token sum by T = 4, then averages sequences.
-    loss, _ = grpo_loss(logp, logp, None, adv, mask, agg="seq-mean-token-sum-norm")
+    assert stats["ratio_sum"].item() == pytest.approx(9) and stats["kl_sum"].item() == 0
+    # The row weights aggregate: Dr. GRPO divides each sequence's token sum by T = 4, then averages sequences.
+    loss, _ = grpo_loss(logp, logp, None, adv, mask, row_weights(mask, "seq-mean-token-sum-norm"))
     assert loss.item() == pytest.approx(-(3 * 1 - 2 * 1 + 4 * 2) / (3 * 4))
     # Original GRPO: per-sequence token mean, then the mean over sequences.
-    loss, _ = grpo_loss(logp, logp, None, adv, mask, agg="seq-mean-token-mean")
+    loss, _ = grpo_loss(logp, logp, None, adv, mask, row_weights(mask, "seq-mean-token-mean"))
     assert loss.item() == pytest.approx(-(1 - 1 + 2) / 3)
     # Off policy: ratio e^1 with A > 0 and ratio e^-1 with A < 0 are clipped (no gradient); the others are not.
     old = torch.tensor([[-2.0, 0.0, -1, -1], [0.0, -2.0, -1, -1], [-1.0, -1, -1, -1]])
     x = logp.clone().requires_grad_()
-    loss, stats = grpo_loss(x, old, None, adv, mask)
+    loss, stats = grpo_loss(x, old, None, adv, mask, token_mean)
     loss.backward()
     assert x.grad[0, 0] == 0 and x.grad[1, 0] == 0  # clipped: ratio e, A = 1; ratio 1/e, A = -1
     e = torch.exp(torch.tensor(1.0))
     torch.testing.assert_close(x.grad[:2, 1], torch.stack([-1 / e, e]) / 9)  # unclipped: -A ratio / #tokens
-    assert stats["clip_frac_high"].item() == pytest.approx(1 / 9)
-    assert stats["clip_frac_low"].item() == pytest.approx(1 / 9)
+    assert stats["clipped_high"].item() == 1 and stats["clipped_low"].item() == 1
     # k3 KL: exp(d) - d - 1 with d = ref - logp, gradient 1 - exp(d).
     x = logp.clone().requires_grad_()
     ref = logp + 0.5
-    loss, stats = grpo_loss(x, logp, torch.where(mask, ref, 0.0), torch.zeros(3), mask, beta=1.0)
+    loss, stats = grpo_loss(x, logp, torch.where(mask, ref, 0.0), torch.zeros(3), mask, token_mean, beta=1.0)
     loss.backward()
     k3 = torch.exp(torch.tensor(0.5)) - 1.5
-    assert loss.item() == pytest.approx(k3.item()) and stats["kl_mean"].item() == pytest.approx(k3.item())
+    assert loss.item() == pytest.approx(k3.item()) and stats["kl_sum"].item() == pytest.approx(9 * k3.item())
     torch.testing.assert_close(x.grad, (1 - torch.exp(torch.tensor(0.5))) * mask / 9)
     # is_weight multiplies each token's policy term and its gradient, never the KL term.
     isw = torch.rand(3, 4, generator=torch.Generator().manual_seed(0)) + 0.5
     grads = []
     for w in (None, isw):
         x = logp.clone().requires_grad_()
-        grpo_loss(x, old, None, adv, mask, is_weight=w)[0].backward()
+        grpo_loss(x, old, None, adv, mask, token_mean, is_weight=w)[0].backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[1], grads[0] * isw * mask)
-    kl_only = [grpo_loss(logp, logp, torch.where(mask, ref, 0.0), torch.zeros(3), mask, beta=1.0, is_weight=w)[0]
-               for w in (None, isw)]
+    kl_only = [grpo_loss(logp, logp, torch.where(mask, ref, 0.0), torch.zeros(3), mask, token_mean, beta=1.0,
+                         is_weight=w)[0] for w in (None, isw)]
     torch.testing.assert_close(kl_only[1], kl_only[0])
 
 
 def test_grpo_loss_bad_input(path):
     logp = torch.zeros(2, 3)
-    with pytest.raises(ValueError, match="agg"):
-        grpo_loss(logp, logp, None, torch.zeros(2), logp > 0, agg="sum")
+    with pytest.raises(ValueError, match="row_weight"):
+        grpo_loss(logp, logp, None, torch.zeros(2), logp > 0, torch.ones(3))
     with pytest.raises(ValueError, match="old_logp"):
-        grpo_loss(logp, torch.zeros(2, 4), None, torch.zeros(2), logp > 0)
+        grpo_loss(logp, torch.zeros(2, 4), None, torch.zeros(2), logp > 0, torch.ones(2))

@@ -63,21 +63,22 @@ def one_update(model: str, seqs: list[dict], share: bool, lora: bool, ckpt: bool
     if ckpt:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm.train()
-    scorer, ref_scorer = common.TokenLogprobs(lm), common.TokenLogprobs(ref)
+    policy_logprobs, reference_logprobs = common.TokenLogprobs(lm), common.TokenLogprobs(ref)
     s = train_rwml.Settings(share_prompt=share, micro_batch=micro_batch, beta=0.05, kl="k2", entropy_coef=0.01,
                             temperature=0.7, grad_clip=0.0, lora_rank=4 if lora else 0)
-    named = [(n, p) for n, p in scorer.named_parameters() if p.requires_grad]
+    named = [(n, p) for n, p in policy_logprobs.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     optimizer = torch.optim.SGD(params, lr=0.0)
     grads = {}
     optimizer.register_step_pre_hook(lambda *a: grads.update((n, p.grad.clone()) for n, p in named))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     d = common.Dist()
-    stats = train_rwml.grpo_update(seqs, scorer, ref_scorer, params, optimizer, scheduler, s, d, tok.pad_token_id)
+    stats = train_rwml.grpo_update(seqs, policy_logprobs, reference_logprobs, params, optimizer, scheduler, s, d,
+                                   tok.pad_token_id)
     per_seq = {}
     with torch.no_grad():
         for mb in train_rwml.micro_batches(seqs, s, d, tok.pad_token_id):
-            logp, ent = train_rwml.score_micro_batch(scorer, mb, s.temperature, with_entropy=True)
+            logp, ent = train_rwml.micro_batch_logprobs(policy_logprobs, mb, s.temperature, with_entropy=True)
             resp = mb["ids"].flatten()[mb["index"]] if share else mb["ids"]
             for b in range(logp.shape[0]):
                 m = mb["mask"][b]

@@ -278,7 +278,7 @@ def test_collect_filter_train_evaluate_on_tau2(tmp_path):
     import train_rwml
     from common import read_jsonl
 
-    s = collect.Settings(env="tau2", split="train", task_type="retail", n_tasks=2, rollouts=1, max_steps=5,
+    s = collect.Settings(env="tau2", split="train", task_type="retail", n_tasks=2, rollouts=1, max_env_steps=5,
                          history=5, model="tiny", user_model="tiny", batch_size=1, val_frac=0.5,
                          out_dir=str(tmp_path / "collect"))
     stats = collect.main(s, act=gold_actor)
@@ -313,7 +313,7 @@ def test_collect_filter_train_evaluate_on_tau2(tmp_path):
     data = tmp_path / "collect"
     summary = wm_filter.main(["--triples", str(data / "triples_train.jsonl"), "--val-triples",
                               str(data / "triples_val.jsonl"), "--model", "tiny", "--epochs", "0", "--k", "2",
-                              "--max-new-tokens", "8", "--max-prompt-tokens", "10000", "--reward-max-tokens", "512",
+                              "--max-new-tokens", "8", "--truncate-prompt-tokens", "10000", "--reward-max-tokens", "512",
                               "--out-dir", str(tmp_path / "filter")])
     assert summary["triples"] == len(read_jsonl(data / "triples_train.jsonl")) and summary["tau_d_user"] == 0.15
     assert set(summary["by_next_kind"]) <= {"tool", "user"}
@@ -329,7 +329,7 @@ def test_collect_filter_train_evaluate_on_tau2(tmp_path):
                         "--max-new-tokens", "8", "--max-state-tokens", "512", "--out-dir", str(tmp_path / "eval_wm")])
     assert wm["n"] == len(read_jsonl(data / "triples_val.jsonl")) and set(wm["by_next_kind"]) <= {"tool", "user"}
     agent = evaluate.main(["--what", "agent", "--model", "tiny", "--env", "tau2", "--split", "test",
-                           "--task-type", "airline", "--n-tasks", "1", "--max-steps", "2", "--max-new-tokens", "8",
+                           "--task-type", "airline", "--n-tasks", "1", "--max-env-steps", "2", "--max-new-tokens", "8",
                            "--history", "5", "--user-model", "tiny", "--greedy",
                            "--out-dir", str(tmp_path / "eval_agent")])
     assert agent["n_episodes"] == 1 and agent["trials"] == 1 and list(agent["by_task_type"]) == ["airline"]

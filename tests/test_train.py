@@ -254,8 +254,10 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, monkeypatch, triples, pe
 
 
 def test_policy_task_on_textworld_express(tmp_path):
-    """Multi-turn GRPO: 2 tasks x 2 episodes of up to 3 steps, every step a training sample."""
-    final = train_rwml.main(["--task", "policy", "--env", "twx", "--model", "tiny", "--out-dir", str(tmp_path),
+    """Multi-turn GRPO: 2 tasks x 2 episodes of up to 3 steps, every step a training sample; the policy preset's
+    settings, overridden by the flags given."""
+    final = train_rwml.main(["--config", str(ROOT / "configs/alfworld_policy.json"), "--env", "twx", "--model", "tiny",
+                             "--out-dir", str(tmp_path),
                              "--prompts-per-step", "2", "--group-size", "2", "--max-env-steps", "3",
                              "--max-new-tokens", "8", "--max-steps", "2", "--lr", "1e-3", "--micro-batch", "16",
                              "--step-penalty", "0.5"])
@@ -269,5 +271,30 @@ def test_policy_task_on_textworld_express(tmp_path):
         assert r["train_seqs"] == round(r["episode_len"] * 4)   # one sample per step of each of the 4 episodes
         assert r["agree_max"] < 1e-4
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["beta"] == 0.01 and config["entropy_coef"] == 0.001   # the paper's policy defaults
+    assert config["beta"] == 0.01 and config["entropy_coef"] == 0.001   # the paper's policy RL, from the preset
+    assert config["env"] == "twx" and config["max_steps"] == 2 and config["prompts_per_step"] == 2   # the flags win
     common.load_model(str(final))
+
+
+PRESET_SCRIPT = {"collect": "collect", "filter": "filter", "wm": "train_rwml", "policy": "train_rwml",
+                 "heldout": "collect", "format": "collect", "wm_sft": "filter", "rwml": "train_rwml", "eval": "evaluate"}
+
+
+@pytest.mark.parametrize("preset", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.json")))
+def test_every_preset_loads_with_its_script(preset):
+    """Each configs/ file names only settings its script has, with values of their types and choices."""
+    import importlib
+    name = Path(preset).stem   # quick/<stage> or <env>_<stage>
+    script = importlib.import_module(PRESET_SCRIPT[name if name in PRESET_SCRIPT else name.rsplit("_", 1)[-1]])
+    s = common.parse_settings(script.Settings, ["--config", str(ROOT / preset)])
+    assert all(getattr(s, k) == v for k, v in json.loads((ROOT / preset).read_text()).items())
+
+
+def test_policy_with_the_world_model_defaults_warns(capsys):
+    d = common.Dist()
+    train_rwml.check_settings(train_rwml.Settings(task="policy"), d)
+    assert "configs/alfworld_policy.json" in capsys.readouterr().out
+    policy = common.parse_settings(train_rwml.Settings, ["--config", str(ROOT / "configs/alfworld_policy.json")])
+    train_rwml.check_settings(policy, d)
+    train_rwml.check_settings(train_rwml.Settings(task="wm"), d)
+    assert capsys.readouterr().out == ""

@@ -2,6 +2,7 @@
 2 ranks), truncated IS weights that change the update, a reference model that stays frozen, each multi-turn
 sample carrying its own episode's advantage, and the bf16 precision recipe on CPU."""
 import copy
+import dataclasses
 import os
 import subprocess
 import sys
@@ -51,6 +52,47 @@ def test_grpo_update_equals_the_plain_grpo_objective_and_tis_changes_it(batch):
         if cap:
             assert 0 < stats["tis_capped_frac"] < 1 and stats["tis_weight_mean"] != 1.0
     assert max_diff(out[2.0], out[0.0]) > 100 * 1e-5 * moved
+
+
+def loss_and_grad(mb: dict, logp: torch.Tensor, entropy: torch.Tensor, s, dtype) -> tuple[float, torch.Tensor, dict]:
+    """train_rwml.grpo_loss on one micro-batch cast to dtype -> (loss, d loss / d logp, stats)."""
+    mb = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in mb.items()}
+    x = logp.detach().to(dtype).clone().requires_grad_()
+    loss, sums = train_rwml.grpo_loss(x, entropy.to(dtype), mb, s, n_tok=300.0, n_seq=9.0, world=2)
+    loss.backward()
+    return loss.item(), x.grad.double(), {k: float(v) for k, v in sums.items()}
+
+
+@pytest.mark.parametrize("tis", [False, True], ids=["", "tis"])
+@pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_fused_loss_equals_the_pytorch_loss(monkeypatch, agg, kl, tis):
+    """--fused-loss on (kernels.grpo_loss: the Triton kernel, interpreted here) and off (grpo_loss's PyTorch code)
+    give the loss and d loss / d logp of the PyTorch code in float64, with the global normaliser (a micro-batch of
+    5 of a step's 9 sequences, 2 ranks), the entropy bonus, and ratios beyond the clip and the exp clamp."""
+    monkeypatch.setenv("RWML_KERNELS", "triton")
+    g = torch.Generator().manual_seed(3)
+    b, t = 5, 37
+    mask = torch.arange(t)[None] < torch.tensor([37, 37, 20, 3, 11])[:, None]
+    logp = torch.where(mask, -3 * torch.rand(b, t, generator=g, dtype=torch.float64), 0.0)
+    old = logp + 0.3 * torch.randn(b, t, generator=g, dtype=torch.float64)
+    old[:2, :4] = logp[:2, :4] - torch.tensor([30.0, 2.0, -2.0, -0.1], dtype=torch.float64)
+    mb = {"old": torch.where(mask, old, 0.0), "mask": mask, "weight": 1.0,
+          "ref": torch.where(mask, logp + 0.5 * torch.randn(b, t, generator=g, dtype=torch.float64), 0.0),
+          "adv": torch.tensor([1.3, -0.7, 0.4, -1.1, 0.9], dtype=torch.float64)}
+    if tis:
+        mb["isw"] = torch.where(mask, 2 * torch.rand(b, t, generator=g, dtype=torch.float64), 0.0)
+    entropy = torch.where(mask, 4 * torch.rand(b, t, generator=g, dtype=torch.float64), 0.0)
+    s = train_rwml.Settings(agg=agg, kl=kl, beta=0.1, entropy_coef=0.01, clip_low=0.2, clip_high=0.28,
+                            max_new_tokens=48, fused_loss="off")
+    loss64, grad64, sums64 = loss_and_grad(mb, logp, entropy, s, torch.float64)
+    assert grad64.abs().max() > 0 and sums64["clipped_low"] + sums64["clipped_high"] > 0
+    for fused in ("off", "on"):
+        loss, grad, sums = loss_and_grad(mb, logp, entropy, dataclasses.replace(s, fused_loss=fused), torch.float32)
+        assert abs(loss - loss64) <= 1e-6 * max(1.0, abs(loss64)), (fused, loss, loss64)
+        assert float((grad - grad64).norm() / grad64.norm()) <= 1e-6, fused
+        assert torch.all(grad[~mask] == 0) and sums.keys() == sums64.keys()
+        assert all(abs(sums[k] - sums64[k]) <= 1e-5 * max(1.0, abs(sums64[k])) for k in sums), (sums, sums64)
 
 
 @pytest.mark.slow
