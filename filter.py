@@ -174,7 +174,7 @@ def agent_examples(tokenizer, path: str, history: int) -> list[tuple[list[int], 
 def reflection_states(path: str) -> list[dict]:
     """Alternative-action triples grouped by expert state -> [{"id" (task#rollout#t), "triple" (the first
     alternative's, for the state), "expert_action", "expert_outcome", "alternatives": [(action, next state)]}]."""
-    rows = common.read_jsonl(path, TRIPLE_KEYS + ("meta",))
+    rows = common.read_jsonl(path, common.TRIPLE_KEYS + ("meta",))
     states: dict[str, dict] = {}
     for n, t in enumerate(rows, 1):
         meta = t["meta"]

@@ -288,7 +288,7 @@ def expert_collect(tmp_path, name: str, split: str = "train", n_tasks: int = 6, 
     """Expert episodes (the gold path) on TextWorld-Express cookingworld, no model: -> the collect out_dir."""
     import collect
     s = collect.Settings(env="twx", split=split, task_type="cookingworld", model="none", n_tasks=n_tasks, rollouts=1,
-                         max_steps=20, policy="expert", alternatives=alternatives, out_dir=str(tmp_path / name))
+                         max_env_steps=20, policy="expert", alternatives=alternatives, out_dir=str(tmp_path / name))
     assert collect.main(s)["success_rate"] == 1.0
     return tmp_path / name
 

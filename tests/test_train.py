@@ -277,7 +277,7 @@ def test_policy_task_on_textworld_express(tmp_path):
 
 
 PRESET_SCRIPT = {"collect": "collect", "filter": "filter", "wm": "train_rwml", "policy": "train_rwml",
-                 "heldout": "collect", "format": "collect", "wm_sft": "filter", "rwml": "train_rwml", "eval": "evaluate"}
+                 "heldout": "collect", "format": "collect", "wm_sft": "filter", "rwml": "train_rwml", "eval": "evaluate", "expert": "collect"}
 
 
 @pytest.mark.parametrize("preset", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.json")))
