@@ -38,8 +38,9 @@ class Settings:
     model: str = field(default="smollm2-135m", metadata={"help": "tiny | smollm2-135m | HF id | checkpoint dir"})
     rollouts: int = field(default=3, metadata={"help": "episodes per task (paper: 3)"})
     max_steps: int = field(default=30, metadata={"help": "steps per episode (paper: 30)"})
-    history: int = field(default=2, metadata={"help": "past turns in the prompt and the triple (paper: 2 "
-                                                      "ALFWorld, 5 τ²: pass --history 5 with --env tau2)"})
+    history: int = field(default=2, metadata={"help": "past turns in each triple and the text-game agent prompt "
+                                                      "(paper: 2 ALFWorld, 5 τ²: pass --history 5 with --env tau2; "
+                                                      "a τ² agent sees the whole conversation)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (paper: 1.0)"})
     top_p: float = 1.0
     max_new_tokens: int = field(default=512, metadata={"help": "response length cap per step (paper: 512)"})

@@ -68,7 +68,8 @@ class Settings:
     greedy: bool = field(default=False, metadata={"help": "one greedy episode per task (sets --temperature 0 "
                                                           "--rollouts 1)"})
     max_steps: int = field(default=30, metadata={"help": "paper: 30 at evaluation"})
-    history: int = field(default=2, metadata={"help": "past turns in the agent prompt (paper: 2 ALFWorld, 5 τ²)"})
+    history: int = field(default=2, metadata={"help": "past turns in the text-game agent prompt (paper: 2; a τ² "
+                                                      "agent sees the whole conversation)"})
     n_workers: int = field(default=0, metadata={"help": "env worker processes (0 = in this process)"})
     task_type: str | None = field(default=None, metadata={"help": "only tasks of this type (alfworld: e.g. "
                                                                   "pick_and_place_simple; twx: a game; tau2: a "

@@ -72,11 +72,13 @@ class Settings:
     task_type: str | None = common.flag(None, "only tasks of this type (alfworld: e.g. pick_and_place_simple; twx: a "
                                         "game, e.g. coin; tau2: a domain)")
     max_env_steps: int = common.flag(15, "steps per training episode (paper: 15)")
-    history: int = common.flag(2, "past turns in the agent prompt (paper: 2 ALFWorld, 5 τ²)")
+    history: int = common.flag(2, "past turns in the text-game agent prompt (paper: 2; a τ² agent sees the whole "
+                               "conversation)")
     win_reward: float = common.flag(10.0, "reward of the last step of a won episode (paper, verl-agent: 10)")
     step_penalty: float = common.flag(0.1, "penalty on a step whose reply breaks the format (paper, verl-agent: 0.1)")
     penalize: str = common.flag("format", "which steps --step-penalty hits: format = reply without <think>/<action> "
-                                "(paper); invalid = action not admissible/accepted (ablation)", ["format", "invalid"])
+                                "(paper; τ²: a malformed tool call or an empty reply); invalid = action not "
+                                "admissible/accepted (ablation)", ["format", "invalid"])
     env_workers: int = common.flag(0, "env worker processes (0 = in this process)")
     user_model: str = common.flag("", "τ² user simulator: a local model (run here, greedy; '' = smollm2-135m) or "
                                "litellm:<name> for a hosted one, e.g. litellm:gpt-4.1")
@@ -351,11 +353,12 @@ def check_alarms(row: dict, start: dict, s: Settings) -> list[str]:
 def rollout_metrics(every: dict, s: Settings) -> dict:
     """One step's rollout numbers from the lists gathered over ranks (group members consecutive)."""
     r = torch.tensor(every["rewards"])
-    tag = "next_state" if s.task == "wm" else "action"
+    formatted = [prompts.has_format(t, "next_state") if s.task == "wm" else prompts.agent_reply_ok(t, s.env)
+                 for t in every["texts"]]
     row = {"reward_mean": float(r.mean()), "reward_std": float(r.std()) if len(r) > 1 else 0.0,
            "zero_var_frac": float(np.mean(every["zero_var"])), "resp_len": float(np.mean(every["lens"])),
            "resp_len_max": max(every["lens"]), "truncated_frac": float(np.mean(every["cut"])),
-           "format_error_rate": 1.0 - float(np.mean([prompts.has_format(t, tag) for t in every["texts"]]))}
+           "format_error_rate": 1.0 - float(np.mean(formatted))}
     if s.drop_zero_var:
         row["dropped_groups"] = int(sum(every["zero_var"]))
     if s.task == "wm":
@@ -690,7 +693,7 @@ def main(argv: list[str] | None = None) -> Path:
         else:
             from rewards import policy_step_rewards   # the group reward is the episode return (γ = 1)
             rewards = torch.tensor([sum(policy_step_rewards(ep["steps"], ep["success"], s.win_reward, s.step_penalty,
-                                                            s.penalize)) for ep in episodes])
+                                                            s.penalize, s.env)) for ep in episodes])
         adv = group_advantages(rewards, G, s.adv_scale)
         zero_var = zero_variance_groups(rewards, G, s.zero_var_std)
         keep_group = ~zero_var if s.drop_zero_var else torch.ones_like(zero_var)   # DAPO's dynamic sampling
