@@ -1,32 +1,38 @@
 #!/usr/bin/env bash
 # The whole RWML pipeline, one command: collect -> filter -> WM SFT | RWML -> policy RL from the start, WM SFT and
 # RWML -> evaluate every arm in one process -> report (report.md, curves.png, summary.json).
-# Usage: bash run.sh [--quick] [--model NAME] [--out DIR] [--launcher "torchrun --nproc_per_node 8"]
+# Usage: bash run.sh [--quick] [--env alfworld|tau2] [--model NAME] [--out DIR] [--launcher "torchrun ..."]
 #   --quick  the miniature for a 2-core CPU (SmolLM2-135M, ~30 minutes): every arm starts from a cold start that
 #            teaches the answer formats (see "The miniature" below); without it, the paper's settings (a GPU box).
+#   --env    the paper's ALFWorld pipeline (default) or its τ²-bench one (paper settings only, not --quick).
 # Every stage writes DONE ("<seconds> s") into its folder when it finishes and is skipped on a rerun; a stage that
 # was killed continues from its own resume state (collect/filter/evaluate skip finished rows, training resumes its
 # checkpoint).
 set -euo pipefail
 cd "$(dirname "$0")"
 
-QUICK=0; MODEL=smollm2-135m; OUT=""; LAUNCH="python"
+QUICK=0; MODEL=smollm2-135m; OUT=""; LAUNCH="python"; ENV=alfworld
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
+    --env) ENV="$2"; shift ;;
     --model) MODEL="$2"; shift ;;
     --out) OUT="$2"; shift ;;
     --launcher) LAUNCH="$2"; shift ;;
-    *) echo "run.sh: unknown flag $1 (flags: --quick --model NAME --out DIR --launcher CMD)" >&2; exit 2 ;;
+    *) echo "run.sh: unknown flag $1 (flags: --quick --env ENV --model NAME --out DIR --launcher CMD)" >&2; exit 2 ;;
   esac
   shift
 done
+case "$ENV" in alfworld|tau2) ;; *) echo "run.sh: --env must be alfworld or tau2, got $ENV" >&2; exit 2 ;; esac
+if [ "$QUICK" = 1 ] && [ "$ENV" = tau2 ]; then
+  echo "run.sh: --quick is the ALFWorld/TextWorld-Express miniature; --env tau2 runs the paper's setting" >&2; exit 2
+fi
 [ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
 export RWML_CACHE="${RWML_CACHE:-$HOME/.cache/rwml}"
 
 # ALFWorld games: $ALFWORLD_DATA, else unpack the offline archive that sits beside the project.
-if [ -z "${ALFWORLD_DATA:-}" ]; then
+if [ "$ENV" = alfworld ] && [ -z "${ALFWORLD_DATA:-}" ]; then
   export ALFWORLD_DATA="$RWML_CACHE/alfworld"
   if [ ! -d "$ALFWORLD_DATA/json_2.1.1" ]; then
     archive=../shared/alfworld/json_2.1.1.tar.xz
@@ -58,6 +64,20 @@ if [ "$QUICK" = 1 ]; then
           --max-new-tokens 24 --save-every 100 $P"
   EVAL="--n-triples 200 --max-new-tokens 64 --env twx --task-type coin --agent-splits test --n-tasks 16 \
         --max-steps 5 --batch-size 32 --greedy $P"
+elif [ "$ENV" = tau2 ]; then
+  # ---- τ²-bench, the paper's setting (README "The paper's setting", its τ² paragraph) -----------------------------
+  OUT=${OUT:-runs/full_tau2}
+  EMBED="--embedder Qwen/Qwen3-Embedding-8B"
+  # user simulators, litellm model names: the paper's GPT-4.1 and Qwen3-235B-A22B-Instruct (e.g. a vLLM server:
+  # set HOSTED_VLLM_API_BASE); collection plays 3 rollouts with each, training and evaluation use the second
+  SIM_A=${TAU2_USER_A:-litellm:gpt-4.1}; SIM_B=${TAU2_USER_B:-litellm:hosted_vllm/Qwen/Qwen3-235B-A22B-Instruct-2507}
+  LONG="--max-prompt-tokens 16384"   # τ² world-model prompts: 5-9k tokens (system prompt, tools, 5 turns)
+  COLLECT="--env tau2 --split train --history 5 --rollouts 6 --user-model $SIM_A,$SIM_B --n-workers 8"  # 178 tasks
+  FILTER="--tau-d 0.15 --tau-d-user 0.15 --reward-max-tokens 512 $LONG $EMBED"
+  SFT="$LONG"
+  RWML="--group-size 16 --tau-d-user 0.4 --reward-max-tokens 512 --val-size 256 $LONG $EMBED"
+  POLICY="--env tau2 --user-model $SIM_B --max-env-steps 30 --max-steps 200 --env-workers 8"   # 200 GRPO steps
+  EVAL="--env tau2 --agent-splits test --user-model $SIM_B --max-state-tokens 512 --n-workers 8 $EMBED"
 else
   # ---- The paper's setting (README "The paper's setting"; defaults follow the paper where it is explicit) -------
   OUT=${OUT:-runs/full}
