@@ -41,6 +41,9 @@ if [ "$ENV" = alfworld ] && [ -z "${ALFWORLD_DATA:-}" ]; then
   fi
 fi
 
+# Paper Table 3 (forgetting): its general benchmarks through lm-eval, run by the paper-setting evaluations (their
+# datasets come from the hub; GPQA is gated: log in, or drop it here)
+TABLE3="--lm-eval-tasks mmlu_redux_generative,ifeval,minerva_math500,gsm8k,gpqa_diamond_cot_zeroshot"
 if [ "$QUICK" = 1 ]; then
   # ---- The miniature (edit here for an ablation) ------------------------------------------------------------
   # Data: random admissible actions (--explore 1: no model needed, every transition valid). The train games are
@@ -77,7 +80,7 @@ elif [ "$ENV" = tau2 ]; then
   SFT="$LONG"
   RWML="--group-size 16 --tau-d-user 0.4 --reward-max-tokens 512 --val-size 256 $LONG $EMBED"
   POLICY="--env tau2 --user-model $SIM_B --max-env-steps 30 --max-steps 200 --env-workers 8"   # 200 GRPO steps
-  EVAL="--env tau2 --agent-splits test --user-model $SIM_B --max-state-tokens 512 --n-workers 8 $EMBED"
+  EVAL="--env tau2 --agent-splits test --user-model $SIM_B --max-state-tokens 512 --n-workers 8 $EMBED $TABLE3"
 else
   # ---- The paper's setting (README "The paper's setting"; defaults follow the paper where it is explicit) -------
   OUT=${OUT:-runs/full}
@@ -87,7 +90,7 @@ else
   SFT=""                      # 2 epochs, lr 2e-6, batch 32, the paper's WM SFT prompt
   RWML="--val-size 256 $EMBED"   # 32 prompts x G=8, lr 1e-6, beta 0.001, 2 epochs
   POLICY="--env alfworld --max-steps 300 --env-workers 8"   # 8 tasks x 8 episodes, 15 steps, 300 steps
-  EVAL="--env alfworld --agent-splits valid_seen,valid_unseen --max-steps 30 --n-workers 8 $EMBED"
+  EVAL="--env alfworld --agent-splits valid_seen,valid_unseen --max-steps 30 --n-workers 8 $EMBED $TABLE3"
 fi
 mkdir -p "$OUT"
 C="$OUT/collect"; H="$OUT/heldout"; T="$OUT/format"; F="$OUT/filter"; S="$OUT/wm_sft"; R="$OUT/rwml"
