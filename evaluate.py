@@ -24,6 +24,8 @@ each run dir.
   python evaluate.py --what wm --model runs/rwml/ckpt/step_000100 --triples runs/collect/triples_val.jsonl \
       --out-dir runs/eval/rwml/wm
   python evaluate.py --what weights --model runs/rwml/ckpt/step_000100 --base smollm2-135m --out-dir runs/eval/rwml/weights
+  python evaluate.py --what forgetting --model runs/rwml --lm-eval-tasks rwml_general_mc,rwml_general_gen \
+      --lm-eval-include data/lm_eval --out-dir runs/eval/rwml/forgetting
   python evaluate.py --what arms --arms base=smollm2-135m,rwml=runs/rwml --triples runs/collect/triples_val.jsonl \
       --n-triples 200 --n-tasks 10 --out-dir runs/eval
   python evaluate.py --what report --runs base=runs/eval/base,rwml=runs/eval/rwml --curves rwml=runs/rwml \
