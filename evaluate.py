@@ -855,7 +855,7 @@ def forgetting_table(runs: dict) -> str:
     arms = {name: arm["forgetting"] for name, arm in runs.items() if arm["forgetting"]}
     if not arms:
         return ""
-    probe = "probe (data/general_probe.jsonl)"
+    probe = "probe (--probe)"
     rows = [[probe, "NLL/token (lower is better)", "–"] + [f"{f['nll']:.3f}" for f in arms.values()],
             [probe, "greedy answers right", "–"] + [f"{f['contains']['k']}/{f['contains']['n']}" for f in arms.values()]]
     tasks: dict[str, dict] = {}  # task -> its metric keys, in the order the arms list them

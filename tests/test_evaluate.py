@@ -645,7 +645,7 @@ def test_lm_eval_forgetting_on_local_tasks_into_the_report(tmp_path, probe_file,
     p = perturbed["rwml_general_mc"]["metrics"]["acc,none"]
     assert "| benchmark | metric | n | base | rwml |" in text
     assert f"| rwml_general_mc | acc,none | 12 | 1.000 ± 0.000 | {p['value']:.3f} ± {p['stderr']:.3f} |" in text
-    assert "| probe (data/general_probe.jsonl) | NLL/token (lower is better) | – |" in text
+    assert "| probe (--probe) | NLL/token (lower is better) | – |" in text
     # a kill after the first task: the rerun runs only the second one
     (tmp_path / "eval" / "rwml" / "forgetting" / "results.json").unlink()
     path = tmp_path / "eval" / "rwml" / "forgetting" / "lm_eval.jsonl"
