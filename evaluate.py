@@ -117,7 +117,8 @@ class Settings:
                                                      "them, comma-separated (paper Table 3: mmlu_redux_generative,"
                                                      "ifeval,minerva_math500,gsm8k,gpqa_diamond_cot_zeroshot; their "
                                                      "datasets need the hub; offline: rwml_general_mc,"
-                                                     "rwml_general_gen with --lm-eval-include data/lm_eval); '' = none"})
+                                                     "rwml_general_gen with --lm-eval-include data/lm_eval); "
+                                                     "'' = none"})
     lm_eval_include: str = field(default="", metadata={"help": "a folder of local lm-eval task YAMLs (lm-eval's "
                                                        "include_path), e.g. data/lm_eval"})
     lm_eval_limit: int | None = field(default=None, metadata={"help": "examples per lm-eval task (none = all; a "
@@ -823,11 +824,17 @@ def interval(k: int, n: int, ci95) -> dict:
     return {"k": k, "n": n, "ci95": list(ci95)}
 
 
+def lm_eval_headline(x: dict) -> dict:
+    """A task's n and its own metrics; a tag, which has none of its own, gives its subtasks' as "<subtask> <metric>"."""
+    parts = {f"{part} {key}": m for part, ms in x["parts"].items() for key, m in ms.items()}
+    return {"n": x["n"], "metrics": x["metrics"] or parts}
+
+
 def summarize(runs: dict[str, list[dict]], start_arm: str) -> dict[str, dict]:
     """summary.json's runs: per arm its WM accuracy, agent success per env/split (k, n, 95% CI each), fraction of
     weights changed and forgetting (probe, lm-eval tasks), null / {} where not measured. nll_delta is the arm's probe
     NLL minus the start arm's (> 0: the arm lost general ability). lm_eval: per task its n and metrics {"<metric>,
-    <filter>": {"value", "stderr"}}; a tag without numbers of its own lists its subtasks' as "<subtask> <metric>"."""
+    <filter>": {"value", "stderr"}} (lm_eval_headline)."""
     start_nll = next((r["nll"] for r in runs.get(start_arm, []) if r["what"] == "forgetting"), None)
     summary = {}
     for name, results in runs.items():
@@ -842,9 +849,7 @@ def summarize(runs: dict[str, list[dict]], start_arm: str) -> dict[str, dict]:
             elif r["what"] == "forgetting":
                 arm["forgetting"] = {"nll": r["nll"], "nll_delta": None if start_nll is None else r["nll"] - start_nll,
                                      "n_tokens": r["n_tokens"], "contains": r["contains"],
-                                     "lm_eval": {name: {"n": x["n"], "metrics": x["metrics"] or {
-                                         f"{part} {key}": m for part, ms in x["parts"].items() for key, m in ms.items()}}
-                                         for name, x in r.get("lm_eval", {}).items()}}
+                                     "lm_eval": {task: lm_eval_headline(x) for task, x in r.get("lm_eval", {}).items()}}
         summary[name] = arm
     return summary
 
@@ -857,7 +862,8 @@ def forgetting_table(runs: dict) -> str:
         return ""
     probe = "probe (--probe)"
     rows = [[probe, "NLL/token (lower is better)", "–"] + [f"{f['nll']:.3f}" for f in arms.values()],
-            [probe, "greedy answers right", "–"] + [f"{f['contains']['k']}/{f['contains']['n']}" for f in arms.values()]]
+            [probe, "greedy answers right", "–"] + [f"{f['contains']['k']}/{f['contains']['n']}"
+                                                     for f in arms.values()]]
     tasks: dict[str, dict] = {}  # task -> its metric keys, in the order the arms list them
     for f in arms.values():
         for task, x in f["lm_eval"].items():

@@ -154,8 +154,9 @@ def tools_in_text(messages: list[dict], tools: list[dict]) -> list[dict]:
     out = []
     for m in messages:
         if m.get("tool_calls"):
-            calls = [TOOL_CALL_OPEN + json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]})
-                     + TOOL_CALL_CLOSE for c in m["tool_calls"]]
+            calls = [TOOL_CALL_OPEN + json.dumps({"name": c["function"]["name"],
+                                                  "arguments": c["function"]["arguments"]}) + TOOL_CALL_CLOSE
+                     for c in m["tool_calls"]]
             m = {"role": "assistant", "content": "\n".join(filter(None, [m.get("content") or "", *calls]))}
         elif m["role"] == "tool":
             m = {"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"}

@@ -98,15 +98,15 @@ def run_episodes(act: Act, suite, jobs: list[tuple[str, int]], *, env: str, spli
     """Plays every job (task_id, rollout_index) once; returns the episodes in job order.
 
     act(messages_list, infos) -> list[Sample]: one response per live episode (infos: each one's latest env info,
-    holding "admissible" and "gold", and τ²'s "tools"). Episode: {"env", "split", "task_id", "instruction", "rollout", "model",
-    "steps", "success", "n_steps"} (+ "task_type", "system_prompt", "user_info" when the env gives them, + "error"
-    when it failed). Step: {"obs", "action", "response", "valid", "next_obs", "reward", "done", "sample"}
-    (+ STEP_INFO keys when the env gives them: τ²'s next_kind and task_status; + "admissible", the actions the
-    agent's prompt listed, in text games); "sample" is the common.Sample
-    (token ids and sampler log-probs) and is not JSON: drop it before writing. valid = the reply parsed
-    (parse_reply: an admissible action; τ²: a well-formed call or a message) AND the env accepted it; an invalid step still reaches the env, which answers as the game
-    does. `done` is the env's: an episode cut at max_steps ends with done False. on_done(episode) runs as each
-    episode finishes.
+    holding "admissible" and "gold", and τ²'s "tools"). Episode: {"env", "split", "task_id", "instruction",
+    "rollout", "model", "steps", "success", "n_steps"} (+ "task_type", "system_prompt", "user_info" when the env
+    gives them, + "error" when it failed). Step: {"obs", "action", "response", "valid", "next_obs", "reward",
+    "done", "sample"} (+ STEP_INFO keys when the env gives them: τ²'s next_kind and task_status; + "admissible", the
+    actions the agent's prompt listed, in text games); "sample" is the common.Sample (token ids and sampler
+    log-probs) and is not JSON: drop it before writing. valid = the reply parsed (parse_reply: an admissible action;
+    τ²: a well-formed call or a message) AND the env accepted it; an invalid step still reaches the env, which
+    answers as the game does. `done` is the env's: an episode cut at max_steps ends with done False.
+    on_done(episode) runs as each episode finishes.
     """
     if not jobs:
         return []

@@ -28,9 +28,10 @@ domain's tools plus the gym's `done`) that the chat template renders (common.cha
 Invalid actions never raise. A call τ² can run but that fails (unknown tool, bad or wrongly typed arguments) goes
 into the conversation and is answered by τ²'s env with its own "Error: ..." reply, as in the benchmark. A call τ²
 cannot even represent (text starting with "{" or <tool_call> that is not one {"name": str, "arguments": dict}) or an
-empty action is answered with "Error: <why>" without entering τ²'s conversation (the agent's "messages" show it);
-it costs the 2 steps and the error that a failing call costs in τ². Both set info["valid"] = False; info["executed"] tells them apart (True: τ² ran the call or
-delivered the message, so its reply is a real transition; False: rejected unparsed, or acting after the end).
+empty action is answered with "Error: <why>" without entering τ²'s conversation (the agent's "messages" show it); it
+costs the 2 steps and the error that a failing call costs in τ². Both set info["valid"] = False; info["executed"]
+tells them apart (True: τ² ran the call or delivered the message, so its reply is a real transition; False: rejected
+unparsed, or acting after the end).
 
 The user simulator is τ²'s UserSimulator (its guidelines + the task's user scenario), unchanged. Its LLM is either a
 local chat callable `user_llm(messages: list[dict]) -> str` (served to τ² through litellm's in-process custom
