@@ -52,8 +52,8 @@ class Settings:
     model: str = flag("smollm2-135m", "tiny | smollm2-135m | HF id | checkpoint dir")
     rollouts: int = flag(3, "episodes per task (paper: 3)")
     max_env_steps: int = flag(30, "steps per episode (paper: 30)")
-    history: int = flag(2, "past turns in the prompt and the triple (paper: 2 ALFWorld, 5 τ²: pass --history 5 "
-                           "with --env tau2)")
+    history: int = flag(2, "past turns in each triple and the text-game agent prompt (paper: 2 ALFWorld, 5 τ²: pass "
+                           "--history 5 with --env tau2; a τ² agent sees the whole conversation)")
     temperature: float = flag(1.0, "sampling temperature (paper: 1.0)")
     top_p: float = flag(1.0, "nucleus sampling")
     max_new_tokens: int = flag(512, "response length cap per step (paper: 512)")

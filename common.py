@@ -150,10 +150,24 @@ def load_model(name: str, dtype: torch.dtype | None = None, device: str | torch.
     return model.to(device=device, dtype=dtype), tok
 
 
-def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """Chat template + generation prompt -> token ids (prompts are built text; responses are never re-tokenized)."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def chat_ids(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    """Chat template + generation prompt -> token ids (prompts are built text; responses are never re-tokenized).
+    tools (OpenAI-style function schemas, τ²'s) go through the template when it renders them; a template that does
+    not (SmolLM2's) gets them, and the past calls, written into the chat (prompts.tools_in_text)."""
+    if tools and not template_renders_tools(tokenizer):
+        from prompts import tools_in_text
+        messages, tools = tools_in_text(messages, tools), None
+    text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def template_renders_tools(tokenizer) -> bool:
+    """Does the tokenizer's chat template show the model a `tools=` list (Qwen2.5/Qwen3, Llama 3.1, ...)?"""
+    probe = {"type": "function", "function": {"name": "rwml_probe_tool", "description": "",
+                                              "parameters": {"type": "object", "properties": {}}}}
+    chat = [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]
+    text = tokenizer.apply_chat_template(chat, tools=[probe], tokenize=False)
+    return "rwml_probe_tool" in text
 
 
 def eos_ids(model, tokenizer) -> set[int]:

@@ -72,15 +72,17 @@ def wm_hacking_monitor(predictions: list[str], truths: list[str], group_size: in
     }
 
 
-def rollout_metrics(every: dict, group_size: int, drop_zero_var: bool) -> dict:
+def rollout_metrics(every: dict, group_size: int, drop_zero_var: bool, env: str = "alfworld") -> dict:
     """One step's rollout numbers from the lists gathered over ranks (group members consecutive). World-model
-    steps carry "truths" (one next state per prompt), policy steps "won", "valid" and "ep_len"."""
+    steps carry "truths" (one next state per prompt), policy steps "won", "valid" and "ep_len"; a policy reply's
+    format is its env's (prompts.agent_reply_ok)."""
     r = torch.tensor(every["rewards"])
-    tag = "next_state" if "truths" in every else "action"
+    formatted = [prompts.has_format(t, "next_state") if "truths" in every else prompts.agent_reply_ok(t, env)
+                 for t in every["texts"]]
     row = {"reward_mean": float(r.mean()), "reward_std": float(r.std()) if len(r) > 1 else 0.0,
            "zero_var_frac": float(np.mean(every["zero_var"])), "resp_len": float(np.mean(every["lens"])),
            "resp_len_max": max(every["lens"]), "truncated_frac": float(np.mean(every["cut"])),
-           "format_error_rate": 1.0 - float(np.mean([prompts.has_format(t, tag) for t in every["texts"]]))}
+           "format_error_rate": 1.0 - float(np.mean(formatted))}
     if drop_zero_var:
         row["dropped_groups"] = int(sum(every["zero_var"]))
     if "truths" in every:

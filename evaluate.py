@@ -8,8 +8,10 @@
            the RWML reward, with a 95% Wilson interval, by env and next_kind; predictions.jsonl keeps every answer.
   weights  the fraction of parameters a checkpoint changed against its base model (paper §4.2), per transformer
            layer and per module type.
-  forgetting  general ability in miniature (paper §4.2 measures it with MMLU & co.): mean per-token NLL of the
-           reference answers of a fixed probe (data/general_probe.jsonl) and how many greedy answers contain one.
+  forgetting  general ability (paper §4.2, Table 3): mean per-token NLL of the reference answers of a fixed probe
+           (data/general_probe.jsonl) and how many greedy answers contain one; with --lm-eval-tasks, also those
+           lm-eval benchmarks (the paper's: MMLU-Redux, IFEval, MATH-500, GSM8K, GPQA-Diamond; offline: the local
+           tasks in data/lm_eval) on the same loaded model, each metric with its stderr.
   arms     all of the above for several models in one process: each model and the reward embedder load once;
            results land in out_dir/<arm>/<evaluation>/ and a rerun skips the evaluations already finished.
   report   one table of every arm, the stage times, training curves, summary.json (+ the detailed tables).
@@ -22,6 +24,8 @@ each run dir.
   python evaluate.py --what wm --model runs/rwml/ckpt/step_000100 --triples runs/collect/triples_val.jsonl \
       --out-dir runs/eval/rwml/wm
   python evaluate.py --what weights --model runs/rwml/ckpt/step_000100 --base smollm2-135m --out-dir runs/eval/rwml/weights
+  python evaluate.py --what forgetting --model runs/rwml --lm-eval-tasks rwml_general_mc,rwml_general_gen \
+      --lm-eval-include data/lm_eval --out-dir runs/eval/rwml/forgetting
   python evaluate.py --what arms --arms base=smollm2-135m,rwml=runs/rwml --triples runs/collect/triples_val.jsonl \
       --n-triples 200 --n-tasks 10 --out-dir runs/eval
   python evaluate.py --what report --runs base=runs/eval/base,rwml=runs/eval/rwml --curves rwml=runs/rwml \
@@ -63,7 +67,8 @@ class Settings:
     rollouts: int = flag(3, "episodes per task (paper: Table 1 is the mean of 3 runs)")
     greedy: bool = flag(False, "one greedy episode per task (sets --temperature 0 --rollouts 1)")
     max_env_steps: int = flag(30, "steps per episode (paper: 30 at evaluation)")
-    history: int = flag(2, "past turns in the agent prompt (paper: 2 ALFWorld, 5 τ²)")
+    history: int = flag(2, "past turns in the text-game agent prompt (paper: 2; a τ² agent sees the whole "
+                           "conversation)")
     n_workers: int = flag(0, "env worker processes (0 = in this process)")
     task_type: str | None = flag(None, "only tasks of this type (alfworld: e.g. pick_and_place_simple; twx: a game; "
                                        "tau2: a domain, airline | retail | telecom)")
@@ -95,6 +100,14 @@ class Settings:
     probe: str = flag(str(PROBE), "general-ability probe JSONL: id, prompt, answer (whose NLL is measured), accept "
                                   "(strings a correct greedy answer contains)")
     probe_max_new_tokens: int = flag(32, "greedy answer length for the contains check")
+    lm_eval_tasks: str = flag("", "lm-eval tasks run beside the probe, as lm-eval names them, comma-separated (paper "
+                                  "Table 3: mmlu_redux_generative,ifeval,minerva_math500,gsm8k,gpqa_diamond_cot_zeroshot; "
+                                  "their datasets need the hub; offline: rwml_general_mc,rwml_general_gen with "
+                                  "--lm-eval-include data/lm_eval); '' = none")
+    lm_eval_include: str = flag("", "a folder of local lm-eval task YAMLs (lm-eval's include_path), e.g. data/lm_eval")
+    lm_eval_limit: int | None = flag(None, "examples per lm-eval task (none = all; a limit is a smoke test, not a "
+                                           "benchmark score)")
+    lm_eval_chat: bool = flag(True, "lm-eval prompts through the chat template (instruct models, as the paper's)")
     # arms: every evaluation of several models in one process
     arms: str = flag("", "name=model,... (names: base, wm_sft, rwml, policy, rwml_policy, wm_sft_policy); results in "
                          "out_dir/<name>/<evaluation>/")
@@ -343,10 +356,12 @@ def evaluate_wm(s: Settings, lm=None, reward=None) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Forgetting in miniature: how well each model still answers a fixed set of general questions
+# Forgetting (paper §4.2, Table 3): how well each model still answers general questions: a fixed probe, and the
+# lm-eval benchmarks --lm-eval-tasks names
 
 PROBE_KEYS = ("id", "prompt", "answer", "accept")
-FORGETTING_KEYS = ("model", "probe", "probe_max_new_tokens", "precision")
+FORGETTING_KEYS = ("model", "probe", "probe_max_new_tokens", "precision", "lm_eval_tasks", "lm_eval_include",
+                   "lm_eval_limit", "lm_eval_chat")
 
 
 def contains_answer(response: str, accept: list[str]) -> bool:
@@ -377,6 +392,82 @@ def forgetting_results(rows: list[dict]) -> dict:
             "contains": {"k": k, "n": len(rows), "ci95": list(wilson_interval(k, len(rows)))}}
 
 
+def lm_eval_tasks(names: list[str], include: str):
+    """-> (lm-eval's TaskManager, {name: what lm-eval built for it: its task, its group, or a tag's tasks}). Built
+    here, before the model loads, so that a missing data file or an unreachable hub dataset fails first. The
+    manager indexes the --lm-eval-include folder alone when it holds every name (indexing lm-eval's own ~15k task
+    YAMLs takes ~15 s), else lm-eval's tasks too. A missing folder or an unknown name is an error naming it."""
+    from importlib.metadata import version
+
+    from lm_eval.tasks import TaskManager
+    if include and not Path(include).is_dir():
+        raise SystemExit(f"--lm-eval-include {include}: no such folder")
+    manager = TaskManager(include_path=include, include_defaults=False) if include else None
+    if manager is None or not all(n in manager.all_tasks for n in names):
+        manager = TaskManager(include_path=include or None)
+    if unknown := [n for n in names if n not in manager.all_tasks]:
+        where = f"lm-eval {version('lm_eval')}'s tasks" + (f" nor in {include}" if include else
+                                                             " (local task YAMLs: --lm-eval-include DIR)")
+        raise SystemExit(f"--lm-eval-tasks: unknown task {', '.join(map(repr, unknown))}: not in {where}")
+    built = {}
+    for name in names:
+        loaded = manager.load([name])
+        top = loaded["groups"][name] if name in loaded["groups"] else loaded["tasks"].get(name)
+        built[name] = [top] if top is not None else list(loaded["tasks"].values())
+    return manager, built
+
+
+def lm_eval_scores(res: dict, name: str) -> dict:
+    """One task's numbers from lm-eval's simple_evaluate output: metrics {"<metric>,<filter>" (lm-eval's key):
+    {"value", "stderr"}} of the task (or group) itself, the same for every subtask under parts, and n, the examples
+    scored. A stderr lm-eval did not compute ("N/A", or nan) is None."""
+    def number(x):
+        return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+    def metrics(row: dict) -> dict:
+        out = {}
+        for key, value in row.items():
+            metric, sep, filt = key.partition(",")
+            if sep and not metric.endswith("_stderr"):
+                out[key] = {"value": number(value), "stderr": number(row.get(f"{metric}_stderr,{filt}"))}
+        return out
+    results = res["results"]
+    return {"metrics": metrics(results.get(name, {})),
+            "parts": {k: metrics(v) for k, v in results.items() if k != name},
+            "n": sum(v["effective"] for v in res["n-samples"].values())}
+
+
+def value_stderr(m: dict) -> str:
+    """An lm-eval metric as "value ± stderr" (lm-eval's units; "–" where it has none)."""
+    def num(x):
+        return "–" if x is None else f"{x:.3f}"
+    return f"{num(m['value'])} ± {num(m['stderr'])}"
+
+
+def run_lm_eval(s: Settings, model, tok, tasks: tuple, out: Path) -> dict[str, dict]:
+    """Each lm-eval task (tasks: lm_eval_tasks' output) on the already-loaded model (lm-eval's HF wrapper around
+    it, no second copy); a finished task is appended to out/lm_eval.jsonl at once, so a rerun after a kill runs only
+    the rest."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from tqdm import tqdm
+
+    manager, built = tasks
+    path = out / "lm_eval.jsonl"
+    done = {r["task"]: r for r in read_jsonl_resumable(path)}
+    todo = [name for name in built if name not in done]
+    if todo:
+        wrapped = HFLM(pretrained=model, tokenizer=tok, batch_size=s.batch_size)
+        for name in tqdm(todo, desc="lm-eval", dynamic_ncols=True):
+            t0 = time.perf_counter()
+            res = lm_eval.simple_evaluate(model=wrapped, tasks=built[name], task_manager=manager,
+                                          limit=s.lm_eval_limit, apply_chat_template=s.lm_eval_chat,
+                                          log_samples=False, random_seed=s.seed)
+            done[name] = {"task": name, **lm_eval_scores(res, name), "seconds": round(time.perf_counter() - t0, 1)}
+            append_jsonl(path, [done[name]])
+    return {name: {k: v for k, v in done[name].items() if k != "task"} for name in built}
+
+
 def evaluate_forgetting(s: Settings, lm=None) -> dict:
     """lm: a callable -> (model, tokenizer), called only if the evaluation still has to run."""
     if done := finished(s, FORGETTING_KEYS):
@@ -387,14 +478,19 @@ def evaluate_forgetting(s: Settings, lm=None) -> dict:
     for n, q in enumerate(probe, 1):
         if not (isinstance(q["accept"], list) and q["accept"] and all(isinstance(a, str) and a for a in q["accept"])):
             raise ValueError(f"{s.probe}:{n}: accept must be a non-empty list of non-empty strings")
+    names = [t.strip() for t in s.lm_eval_tasks.split(",") if t.strip()]
+    tasks = lm_eval_tasks(names, s.lm_eval_include) if names else None
     model, tok = (lm or (lambda: eval_model(s, s.model)))()
     rows = probe_rows(model, tok, probe, s.probe_max_new_tokens, s.batch_size)
     write_jsonl(out / "answers.jsonl", rows)
-    results = {"what": "forgetting", "model": s.model, "probe": s.probe, **forgetting_results(rows)}
+    results = {"what": "forgetting", "model": s.model, "probe": s.probe, **forgetting_results(rows),
+               "lm_eval": run_lm_eval(s, model, tok, tasks, out) if tasks else {}}
     write_json(out / "results.json", results)
     c = results["contains"]
     print(f"general probe: NLL {results['nll']:.3f} per token over {results['n_tokens']} tokens, "
           f"{c['k']}/{c['n']} greedy answers right -> {out}")
+    for name, r in results["lm_eval"].items():
+        print(f"  {name} (n={r['n']}): " + ", ".join(f"{key} {value_stderr(m)}" for key, m in r["metrics"].items()))
     return results
 
 
@@ -707,10 +803,17 @@ def interval(k: int, n: int, ci95) -> dict:
     return {"k": k, "n": n, "ci95": list(ci95)}
 
 
+def lm_eval_headline(x: dict) -> dict:
+    """A task's n and its own metrics; a tag, which has none of its own, gives its subtasks' as "<subtask> <metric>"."""
+    parts = {f"{part} {key}": m for part, ms in x["parts"].items() for key, m in ms.items()}
+    return {"n": x["n"], "metrics": x["metrics"] or parts}
+
+
 def summarize(runs: dict[str, list[dict]], start_arm: str) -> dict[str, dict]:
     """summary.json's runs: per arm its WM accuracy, agent success per env/split (k, n, 95% CI each), fraction of
-    weights changed and forgetting probe, null / {} where not measured. nll_delta is the arm's probe NLL minus the
-    start arm's (> 0: the arm lost general ability)."""
+    weights changed and forgetting (probe, lm-eval tasks), null / {} where not measured. nll_delta is the arm's probe
+    NLL minus the start arm's (> 0: the arm lost general ability). lm_eval: per task its n and metrics {"<metric>,
+    <filter>": {"value", "stderr"}} (lm_eval_headline)."""
     start_nll = next((r["nll"] for r in runs.get(start_arm, []) if r["what"] == "forgetting"), None)
     summary = {}
     for name, results in runs.items():
@@ -724,9 +827,33 @@ def summarize(runs: dict[str, list[dict]], start_arm: str) -> dict[str, dict]:
                 arm["weights_changed"] = r["overall"]
             elif r["what"] == "forgetting":
                 arm["forgetting"] = {"nll": r["nll"], "nll_delta": None if start_nll is None else r["nll"] - start_nll,
-                                     "n_tokens": r["n_tokens"], "contains": r["contains"]}
+                                     "n_tokens": r["n_tokens"], "contains": r["contains"],
+                                     "lm_eval": {task: lm_eval_headline(x) for task, x in r.get("lm_eval", {}).items()}}
         summary[name] = arm
     return summary
+
+
+def forgetting_table(runs: dict) -> str:
+    """Markdown, paper Table 3's comparison: a row per benchmark metric (the probe's two, then every lm-eval task's),
+    a column per arm; "" when no arm has a forgetting result."""
+    arms = {name: arm["forgetting"] for name, arm in runs.items() if arm["forgetting"]}
+    if not arms:
+        return ""
+    probe = "probe (--probe)"
+    rows = [[probe, "NLL/token (lower is better)", "–"] + [f"{f['nll']:.3f}" for f in arms.values()],
+            [probe, "greedy answers right", "–"] + [f"{f['contains']['k']}/{f['contains']['n']}"
+                                                     for f in arms.values()]]
+    tasks: dict[str, dict] = {}  # task -> its metric keys, in the order the arms list them
+    for f in arms.values():
+        for task, x in f["lm_eval"].items():
+            tasks.setdefault(task, {}).update(dict.fromkeys(x["metrics"]))
+    for task, keys in tasks.items():
+        n = "/".join(sorted({str(f["lm_eval"][task]["n"]) for f in arms.values() if task in f["lm_eval"]}))
+        for key in keys:
+            cells = [f["lm_eval"].get(task, {}).get("metrics", {}).get(key) for f in arms.values()]
+            rows.append([task, key, n] + [value_stderr(m) if m else "–" for m in cells])
+    return ("### Forgetting (paper Table 3): general benchmarks, lm-eval's value ± stderr\n\n" +
+            md_table(["benchmark", "metric", "n"] + list(arms), rows))
 
 
 def summary_tables(summary: dict, start_arm: str) -> str:
@@ -746,6 +873,8 @@ def summary_tables(summary: dict, start_arm: str) -> str:
     header = ["arm", "WM accuracy"] + [f"{key} success" for key in splits] + \
         ["params changed", f"probe NLL/token (Δ vs {start_arm})", "probe answers right"]
     parts = ["### All arms (%, [95% Wilson interval], (k/n))\n\n" + md_table(header, rows)] if rows else []
+    if table := forgetting_table(summary["runs"]):
+        parts.append(table)
     if summary["stages"]:
         rows = [[name, f"{sec:.0f}"] for name, sec in summary["stages"].items()] + \
             [["**total**", f"{summary['wall_s']:.0f}"]]

@@ -1,13 +1,14 @@
-"""Prompts and response parsing: the agent prompt (verl-agent style), the RWML world-model prompt (paper
-Tables A4/A6), and tag extraction that never raises, whatever the model wrote."""
+"""Prompts and response parsing: the text-game agent prompt (verl-agent style), τ²'s tool calls in the chat
+template's format, the RWML world-model prompt (paper Tables A4/A6), and tag extraction that never raises,
+whatever the model wrote."""
 from __future__ import annotations
+
+import json
 
 ENV_INTRO = {
     "alfworld": "You are an expert agent operating in the ALFRED Embodied Environment.",
     "twx": "You are an expert agent playing a text-based game.",
 }
-
-ACTION_KINDS = {"tau2": ": either one tool call (only its JSON object) or your message to the user."}
 
 
 def _history_text(history: list[dict]) -> str:
@@ -16,10 +17,11 @@ def _history_text(history: list[dict]) -> str:
 
 
 def agent_messages(instruction: str, history: list[dict], obs: str, admissible: list[str] | None, step: int,
-                   env: str, system: str | None = None) -> list[dict]:
-    """One agent turn. `history` = the last H {"obs", "action"} pairs (the prompt is rebuilt each step, as in
-    verl-agent, so every step is one prompt + one sampled response). `system` (τ²) replaces the env intro."""
-    parts = [system or ENV_INTRO.get(env, ENV_INTRO["twx"]), f"Your task is to: {instruction}"]
+                   env: str) -> list[dict]:
+    """One text-game agent turn. `history` = the last H {"obs", "action"} pairs (the prompt is rebuilt each step,
+    as in verl-agent, so every step is one prompt + one sampled response). τ² agents see τ²'s own prompt instead
+    (the env's info["messages"], with its tools through the chat template: common.chat_ids)."""
+    parts = [ENV_INTRO.get(env, ENV_INTRO["twx"]), f"Your task is to: {instruction}"]
     if history:
         parts.append(f"Prior to this step, you have already taken {step} step(s). Below are the most recent "
                      f"{len(history)} observations and the corresponding actions you took:\n{_history_text(history)}")
@@ -29,8 +31,7 @@ def agent_messages(instruction: str, history: list[dict], obs: str, admissible: 
                      ", ".join(repr(a) for a in admissible) + "].")
     parts.append("Now it's your turn to take an action. First reason step by step about the current situation "
                  "inside <think> </think> tags. Then give exactly one action for this step inside "
-                 "<action> </action> tags" + (", chosen from the admissible actions." if admissible else
-                                              ACTION_KINDS.get(env, ".")))
+                 "<action> </action> tags" + (", chosen from the admissible actions." if admissible else "."))
     return [{"role": "user", "content": "\n".join(parts)}]
 
 
@@ -54,7 +55,8 @@ def has_format(text: str, answer_tag: str) -> bool:
 def parse_action(text: str, admissible: list[str] | None) -> tuple[str, bool]:
     """-> (action to send to the env, valid). Text games (admissible given): lowercased; invalid when the tags are
     missing, the action is empty, multi-line, non-ASCII, or not admissible; the env is stepped with it anyway and
-    answers as the game would ("Nothing happens."). Without an admissible list (τ²) the env judges validity."""
+    answers as the game would ("Nothing happens."). Without an admissible list the env judges validity. τ² replies
+    are parsed by parse_tool_reply instead."""
     action = last_block(text, "action")
     if action is None:
         return "", False
@@ -63,6 +65,115 @@ def parse_action(text: str, admissible: list[str] | None) -> tuple[str, bool]:
     action = action.lower()
     valid = bool(action) and action.isascii() and "\n" not in action and action in admissible
     return action, valid
+
+
+# ----------------------------------------------------------------------------------------------------------
+# τ² (paper: τ²'s own agent prompt and tool calling): the model sees τ²'s system prompt and the whole conversation
+# as chat messages, its tools through the chat template (`tools=`), and replies with one tool call in the template's
+# format or a message to the user. Qwen2.5/Qwen3 templates (the paper's models) use the Hermes convention
+# <tool_call>{"name": ..., "arguments": {...}}</tool_call>; a template that does not render tools (SmolLM2's) gets
+# the same convention written into the chat by tools_in_text.
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+MAX_ARG_DEPTH = 32  # deeper arguments are rejected: τ² copies and serializes every message, failing past ~250
+TOOLS_TEXT = ("# Tools\nTo call a tool, reply with only " + TOOL_CALL_OPEN + '{{"name": <tool name>, "arguments": '
+              '{{<argument>: <value>}}}}' + TOOL_CALL_CLOSE + ", one call per turn. Any other reply is sent to the "
+              "user as your message.\n<tools>\n{tools}\n</tools>")
+
+
+def _depth(value) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
+
+
+def parse_tool_call(text: str) -> tuple[str, dict] | None:
+    """(name, arguments) if text is a tool call, None if it is a message; ValueError (saying why) for a malformed
+    call. A call is one JSON object {"name": str, "arguments": {...}} ("parameters" is taken for "arguments", as
+    Llama 3 templates write it), bare or in one <tool_call></tool_call> block; text starting with "{" or
+    <tool_call> is a call attempt."""
+    text = text.strip()
+    if text.startswith(TOOL_CALL_OPEN):
+        body, closed, rest = text[len(TOOL_CALL_OPEN):].partition(TOOL_CALL_CLOSE)
+        if not closed:
+            raise ValueError(f"the tool call is not closed by {TOOL_CALL_CLOSE}")
+        if TOOL_CALL_OPEN in rest:
+            raise ValueError("one tool call per turn")
+        text = body.strip()
+        if not text.startswith("{"):
+            raise ValueError('a tool call must be one JSON object {"name": <tool name>, "arguments": {...}}')
+    elif not text.startswith("{"):
+        return None
+    try:
+        call = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"the tool call is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+    if isinstance(call, dict) and set(call) == {"name", "parameters"}:
+        call = {"name": call["name"], "arguments": call["parameters"]}
+    if not (isinstance(call, dict) and set(call) <= {"name", "arguments"} and isinstance(call.get("name"), str)
+            and isinstance(call.get("arguments", {}), dict)):
+        raise ValueError('a tool call must be one JSON object {"name": <tool name>, "arguments": {...}}')
+    arguments = call.get("arguments", {})
+    if _depth(arguments) > MAX_ARG_DEPTH:
+        raise ValueError(f"the tool call's arguments are nested deeper than {MAX_ARG_DEPTH} levels")
+    return call["name"], arguments
+
+
+def strip_thinking(text: str) -> str:
+    """The reply without its reasoning: what follows the last </think> (Qwen3 thinks first). A reply that opens
+    <think> and never closes it was all reasoning (cut at the token cap): nothing."""
+    if "</think>" in text:
+        return text.rsplit("</think>", 1)[1].strip()
+    return "" if "<think>" in text else text.strip()
+
+
+def parse_tool_reply(text: str) -> tuple[str, bool]:
+    """A τ² agent reply -> (action for the env, well-formed). The reasoning is dropped (strip_thinking), and so is
+    any text before a <tool_call> (τ² sends the call). A well-formed call becomes the env's call JSON
+    {"name", "arguments"}; a reply without one is the message to the user. A malformed call (bad JSON, an unclosed
+    block, two calls) goes to the env as written, which answers it with its error: an invalid action, not a crash.
+    An empty reply is "" (the env rejects it too)."""
+    reply = strip_thinking(text)
+    start = reply.find(TOOL_CALL_OPEN)
+    reply = reply[start:] if start >= 0 else reply
+    try:
+        call = parse_tool_call(reply)
+    except ValueError:
+        return reply, False
+    if call is None:
+        return reply, bool(reply)
+    return json.dumps({"name": call[0], "arguments": call[1]}), True
+
+
+def tools_in_text(messages: list[dict], tools: list[dict]) -> list[dict]:
+    """The chat for a template that does not render tools: the tool list and call format appended to the system
+    message (TOOLS_TEXT), past calls written as <tool_call> blocks in the assistant's content and tool replies as
+    user turns in <tool_response> blocks, the convention Qwen's templates render them in."""
+    out = []
+    for m in messages:
+        if m.get("tool_calls"):
+            calls = [TOOL_CALL_OPEN + json.dumps({"name": c["function"]["name"],
+                                                  "arguments": c["function"]["arguments"]}) + TOOL_CALL_CLOSE
+                     for c in m["tool_calls"]]
+            m = {"role": "assistant", "content": "\n".join(filter(None, [m.get("content") or "", *calls]))}
+        elif m["role"] == "tool":
+            m = {"role": "user", "content": f"<tool_response>\n{m['content']}\n</tool_response>"}
+        out.append({"role": m["role"], "content": m.get("content") or ""})
+    text = TOOLS_TEXT.format(tools="\n".join(json.dumps(t) for t in tools))
+    if out and out[0]["role"] == "system":
+        out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{text}"}
+    else:
+        out.insert(0, {"role": "system", "content": text})
+    return out
+
+
+def agent_reply_ok(text: str, env: str) -> bool:
+    """Does an agent reply follow its env's answer format? Text games: <think>…</think> then a non-empty <action>
+    block (has_format); τ²: a well-formed tool call or a non-empty message (parse_tool_reply). The policy reward's
+    format penalty and train_rwml's format_error_rate count the replies that do not."""
+    return parse_tool_reply(text)[1] if env == "tau2" else has_format(text, "action")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import torch
 from rouge_score import rouge_scorer
 from sentence_transformers import SentenceTransformer
 
-from prompts import extract_next_state, has_format
+from prompts import agent_reply_ok, extract_next_state
 
 # Instruction-tuned embedders: the truth is embedded as a query with this instruction, the prediction as a
 # document (paper §2.2; its thresholds were set this way on Qwen3-Embedding-8B). Symmetric embedders such as MiniLM
@@ -98,15 +98,16 @@ def make_judge(judge_model: str, device=None, max_new_tokens: int = 64):
 
 
 def policy_step_rewards(steps: list[dict], won: bool, win_reward: float = 10.0, penalty: float = 0.1,
-                        penalize: str = "format") -> list[float]:
+                        penalize: str = "format", env: str = "alfworld") -> list[float]:
     """Policy RL reward per env step (verl-agent's ALFWorld setting, which the paper's policy RL follows): the last step gets
-    win_reward·won; a step loses `penalty` when its reply breaks the format (no <think> block or no non-empty
-    <action> block, prompts.has_format), whatever the env then made of it. penalize="invalid" (an ablation, our
-    first version's rule) instead penalises every step whose action was not valid (not admissible / not accepted).
-    GRPO uses the episode return, the sum of these with γ=1, as each group member's reward."""
+    win_reward·won; a step loses `penalty` when its reply breaks the env's answer format (text games: no <think>
+    block or no non-empty <action> block; τ²: a malformed tool call or an empty reply; prompts.agent_reply_ok),
+    whatever the env then made of it. penalize="invalid" (an ablation, our first version's rule) instead penalises
+    every step whose action was not valid (not admissible / not accepted). GRPO uses the episode return, the sum
+    of these with γ=1, as each group member's reward."""
     if penalize not in ("format", "invalid"):
         raise ValueError(f"policy_step_rewards: penalize must be format or invalid, got {penalize!r}")
-    broken = [not has_format(st["response"], "action") if penalize == "format" else not st["valid"] for st in steps]
+    broken = [not agent_reply_ok(st["response"], env) if penalize == "format" else not st["valid"] for st in steps]
     rewards = [-penalty * b for b in broken]
     if rewards:
         rewards[-1] += win_reward * float(won)

@@ -13,7 +13,7 @@ from typing import Callable
 
 from common import Sample, chat_fn, chat_ids, generate, load_model
 from envs.base import EnvPool, make_env
-from prompts import agent_messages, format_reply, parse_action
+from prompts import agent_messages, format_reply, parse_action, parse_tool_reply
 
 # reset-info keys an episode keeps when the env gives them: the task type (per-type stats), and for τ² the agent
 # system prompt and the user's basic info, which the world-model prompt of its triples needs (paper App. C.1)
@@ -59,9 +59,10 @@ def recent(steps: list[dict], t: int, history: int) -> list[dict]:
 
 def model_actor(model, tokenizer, temperature: float, max_new_tokens: int, top_p: float = 1.0,
                 generator=None) -> Act:
-    """act(messages_list, infos) -> one Sample per prompt, all from one batched generate call."""
+    """act(messages_list, infos) -> one Sample per prompt, all from one batched generate call. An info's "tools"
+    (τ²'s tool schemas) go to the chat template with its messages."""
     def act(messages_list: list[list[dict]], infos: list[dict]) -> list[Sample]:
-        prompts = [chat_ids(tokenizer, m) for m in messages_list]
+        prompts = [chat_ids(tokenizer, m, info.get("tools")) for m, info in zip(messages_list, infos)]
         return generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p,
                         batch_size=max(1, len(prompts)), generator=generator)
     return act
@@ -75,10 +76,20 @@ def _new_episode(env: str, split: str, model: str, job: tuple[str, int], obs: st
 
 
 def _messages(live: dict, env: str, history: int) -> list[dict]:
+    """The agent's prompt: τ²'s own (its system prompt and the whole conversation, env info "messages"; paper §4:
+    τ² with its official prompts), else the text-game prompt with the last `history` turns."""
     episode, info = live["episode"], live["info"]
+    if env == "tau2":
+        return info["messages"]
     steps = episode["steps"]
     return agent_messages(episode["instruction"], recent(steps, len(steps), history), live["obs"],
-                          info.get("admissible"), len(steps), env, system=episode.get("system_prompt"))
+                          info.get("admissible"), len(steps), env)
+
+
+def parse_reply(text: str, env: str, info: dict) -> tuple[str, bool]:
+    """-> (action for the env, the reply parsed): τ²'s tool call or message in the chat template's format, else
+    the text game's <action> (admissible when the env lists its actions)."""
+    return parse_tool_reply(text) if env == "tau2" else parse_action(text, info.get("admissible"))
 
 
 def run_episodes(act: Act, suite, jobs: list[tuple[str, int]], *, env: str, split: str, model: str = "",
@@ -87,15 +98,15 @@ def run_episodes(act: Act, suite, jobs: list[tuple[str, int]], *, env: str, spli
     """Plays every job (task_id, rollout_index) once; returns the episodes in job order.
 
     act(messages_list, infos) -> list[Sample]: one response per live episode (infos: each one's latest env info,
-    holding "admissible" and "gold"). Episode: {"env", "split", "task_id", "instruction", "rollout", "model",
-    "steps", "success", "n_steps"} (+ "task_type", "system_prompt", "user_info" when the env gives them, + "error"
-    when it failed). Step: {"obs", "action", "response", "valid", "next_obs", "reward", "done", "sample"}
-    (+ STEP_INFO keys when the env gives them: τ²'s next_kind and task_status; + "admissible", the actions the
-    agent's prompt listed, in text games); "sample" is the common.Sample
-    (token ids and sampler log-probs) and is not JSON: drop it before writing. valid = the reply parsed to an
-    admissible action AND the env accepted it; an invalid step still reaches the env, which answers as the game
-    does. `done` is the env's: an episode cut at max_env_steps ends with done False. on_done(episode) runs as each
-    episode finishes.
+    holding "admissible" and "gold", and τ²'s "tools"). Episode: {"env", "split", "task_id", "instruction",
+    "rollout", "model", "steps", "success", "n_steps"} (+ "task_type", "system_prompt", "user_info" when the env
+    gives them, + "error" when it failed). Step: {"obs", "action", "response", "valid", "next_obs", "reward",
+    "done", "sample"} (+ STEP_INFO keys when the env gives them: τ²'s next_kind and task_status; + "admissible", the
+    actions the agent's prompt listed, in text games); "sample" is the common.Sample (token ids and sampler
+    log-probs) and is not JSON: drop it before writing. valid = the reply parsed (parse_reply: an admissible action;
+    τ²: a well-formed call or a message) AND the env accepted it; an invalid step still reaches the env, which
+    answers as the game does. `done` is the env's: an episode cut at max_env_steps ends with done False.
+    on_done(episode) runs as each episode finishes.
     """
     if not jobs:
         return []
@@ -131,8 +142,7 @@ def run_episodes(act: Act, suite, jobs: list[tuple[str, int]], *, env: str, spli
                 live[slot] = {**_new_episode(env, split, model, job, obs, info), "index": index}
                 if info.get("error"):
                     finish(slot, f"reset failed: {info['error']}")
-            actions = [parse_action(sample.text, live[s]["info"].get("admissible")) for s, sample in
-                       zip(acting, samples)]
+            actions = [parse_reply(sample.text, env, live[s]["info"]) for s, sample in zip(acting, samples)]
             results = pool.run([("step", s, action) for s, (action, _) in zip(acting, actions)]) if acting else []
             for slot, sample, (action, parsed), (next_obs, reward, done, info) in zip(acting, samples, actions,
                                                                                       results):

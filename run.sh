@@ -2,32 +2,38 @@
 # The whole RWML pipeline, one command: collect -> filter -> WM SFT | RWML -> policy RL from the start, WM SFT and
 # RWML; Early Experience's baselines (paper Table 2) from expert data: imitation learning, IWM, SR -> evaluate every
 # arm in one process -> report (report.md, curves.png, summary.json).
-# Usage: bash run.sh [--quick] [--model NAME] [--out DIR] [--launcher "torchrun --nproc_per_node 8"]
+# Usage: bash run.sh [--quick] [--env alfworld|tau2] [--model NAME] [--out DIR] [--launcher "torchrun ..."]
 #   --quick  the miniature for a 2-core CPU (SmolLM2-135M, ~30 minutes): every arm starts from a cold start that
 #            teaches the answer formats (see "The miniature" below); without it, the paper's settings (a GPU box).
+#   --env    the paper's ALFWorld pipeline (default) or its τ²-bench one (paper settings only, not --quick).
 # Every stage writes DONE ("<seconds> s") into its folder when it finishes and is skipped on a rerun; a stage that
 # was killed continues from its own resume state (collect/filter/evaluate skip finished rows, training resumes its
 # checkpoint).
 set -euo pipefail
 cd "$(dirname "$0")"
 
-QUICK=0; MODEL=smollm2-135m; OUT=""; LAUNCH="python"
+QUICK=0; MODEL=smollm2-135m; OUT=""; LAUNCH="python"; ENV=alfworld
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
+    --env) ENV="$2"; shift ;;
     --model) MODEL="$2"; shift ;;
     --out) OUT="$2"; shift ;;
     --launcher) LAUNCH="$2"; shift ;;
-    *) echo "run.sh: unknown flag $1 (flags: --quick --model NAME --out DIR --launcher CMD)" >&2; exit 2 ;;
+    *) echo "run.sh: unknown flag $1 (flags: --quick --env ENV --model NAME --out DIR --launcher CMD)" >&2; exit 2 ;;
   esac
   shift
 done
+case "$ENV" in alfworld|tau2) ;; *) echo "run.sh: --env must be alfworld or tau2, got $ENV" >&2; exit 2 ;; esac
+if [ "$QUICK" = 1 ] && [ "$ENV" = tau2 ]; then
+  echo "run.sh: --quick is the ALFWorld/TextWorld-Express miniature; --env tau2 runs the paper's setting" >&2; exit 2
+fi
 [ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
 export RWML_CACHE="${RWML_CACHE:-$HOME/.cache/rwml}"
 
 # ALFWorld games: $ALFWORLD_DATA, else unpack the offline archive that sits beside the project.
-if [ -z "${ALFWORLD_DATA:-}" ]; then
+if [ "$ENV" = alfworld ] && [ -z "${ALFWORLD_DATA:-}" ]; then
   export ALFWORLD_DATA="$RWML_CACHE/alfworld"
   if [ ! -d "$ALFWORLD_DATA/json_2.1.1" ]; then
     archive=../shared/alfworld/json_2.1.1.tar.xz
@@ -36,6 +42,9 @@ if [ -z "${ALFWORLD_DATA:-}" ]; then
   fi
 fi
 
+# Paper Table 3 (forgetting): its general benchmarks through lm-eval, run by the paper-setting evaluations (their
+# datasets come from the hub; GPQA is gated: log in, or drop it here)
+TABLE3="--lm-eval-tasks mmlu_redux_generative,ifeval,minerva_math500,gsm8k,gpqa_diamond_cot_zeroshot"
 if [ "$QUICK" = 1 ]; then
   # ---- The miniature (edit configs/quick/*.json for an ablation) ---------------------------------------------
   # Data: random admissible actions (--explore 1: no model needed, every transition valid). The train games are
@@ -45,13 +54,26 @@ if [ "$QUICK" = 1 ]; then
   # Cold start = the filter model: a short SFT on the held-back third (the paper's filter model is an SFT on a
   # disjoint 10%) plus format-only agent examples; every arm starts from it, and so does the "base" row.
   OUT=${OUT:-runs/quick}
-  Q=configs/quick
-  COLLECT="--config $Q/collect.json"; HELDOUT="--config $Q/heldout.json"; FORMAT="--config $Q/format.json"
-  FILTER="--config $Q/filter.json"; SFT="--config $Q/wm_sft.json"; RWML="--config $Q/rwml.json"
-  POLICY="--config $Q/policy.json"; EVAL="--config $Q/eval.json"
-  # Early Experience: expert episodes on the game the agent arms play (coin's gold path), 3 random admissible
-  # alternatives from every expert state; IL / IWM / SR train like WM SFT ($SFT), SR's rationales are short
-  EXPERT="--config $Q/expert.json"; SR="--max-new-tokens 48"
+# RWML; Early Experience's baselines (paper Table 2) from expert data: imitation learning, IWM, SR -> evaluate every
+# arm in one process -> report (report.md, curves.png, summary.json).
+# Usage: bash run.sh [--quick] [--model NAME] [--out DIR] [--launcher "torchrun --nproc_per_node 8"]
+elif [ "$ENV" = tau2 ]; then
+  # ---- τ²-bench, the paper's setting (configs/tau2_*.json; README "The paper's setting", its τ² paragraph) -------
+  OUT=${OUT:-runs/full_tau2}
+  # user simulators, litellm model names: the paper's GPT-4.1 and Qwen3-235B-A22B-Instruct (e.g. a vLLM server:
+  # set HOSTED_VLLM_API_BASE); collection plays 3 rollouts with each, training and evaluation use the second
+  SIM_A=${TAU2_USER_A:-litellm:gpt-4.1}; SIM_B=${TAU2_USER_B:-litellm:hosted_vllm/Qwen/Qwen3-235B-A22B-Instruct-2507}
+  COLLECT="--config configs/tau2_collect.json --user-model $SIM_A,$SIM_B --n-workers 8"   # 3 + 3 rollouts, history 5
+  FILTER="--config configs/tau2_filter.json"   # tau_d 0.15 for env and user replies, 512-token reward truncation
+  SFT="--config configs/tau2_filter.json"
+  RWML="--config configs/tau2_wm.json"         # G=16, tau_d_user 0.4
+  POLICY="--config configs/tau2_policy.json --user-model $SIM_B --env-workers 8"   # 200 GRPO steps
+  EVAL="--env tau2 --agent-splits test --user-model $SIM_B --max-state-tokens 512 --n-workers 8 \
+        --embedder Qwen/Qwen3-Embedding-8B $TABLE3"
+  # τ²'s expert: the task's required tool calls; alternatives must come from the model (τ² lists no actions)
+  EXPERT="--env tau2 --split train --history 5 --rollouts 1 --max-env-steps 30 --policy expert --alternatives 3 \
+          --alternative-source model --user-model $SIM_B --n-workers 8"
+  SR=""
 else
   # ---- The paper's setting (configs/alfworld_*.json; README "The paper's setting") ----------------------------
   OUT=${OUT:-runs/full}
@@ -61,7 +83,7 @@ else
   RWML="--config configs/alfworld_wm.json"         # 32 prompts x G=8, lr 1e-6, beta 0.001, 2 epochs
   POLICY="--config configs/alfworld_policy.json --env-workers 8"   # 8 tasks x 8 episodes, 15 steps, 300 steps
   EVAL="--env alfworld --agent-splits valid_seen,valid_unseen --max-env-steps 30 --n-workers 8 \
-        --embedder Qwen/Qwen3-Embedding-8B"
+        --embedder Qwen/Qwen3-Embedding-8B $TABLE3"
   # the walkthrough (then alfworld's expert); 3 random admissible alternatives per state
   EXPERT="--config configs/alfworld_expert.json --n-workers 8"
   SR=""                    # rationales: --model at temperature 1.0, up to 256 tokens

@@ -74,11 +74,13 @@ class Settings:
     task_type: str | None = common.flag(None, "only tasks of this type (alfworld: e.g. pick_and_place_simple; twx: a "
                                         "game, e.g. coin; tau2: a domain)")
     max_env_steps: int = common.flag(15, "steps per training episode (paper: 15)")
-    history: int = common.flag(2, "past turns in the agent prompt (paper: 2 ALFWorld, 5 τ²)")
+    history: int = common.flag(2, "past turns in the text-game agent prompt (paper: 2; a τ² agent sees the whole "
+                               "conversation)")
     win_reward: float = common.flag(10.0, "reward of the last step of a won episode (paper, verl-agent: 10)")
     step_penalty: float = common.flag(0.1, "penalty on a step whose reply breaks the format (paper, verl-agent: 0.1)")
     penalize: str = common.flag("format", "which steps --step-penalty hits: format = reply without <think>/<action> "
-                                "(paper); invalid = action not admissible/accepted (ablation)", ["format", "invalid"])
+                                "(paper; τ²: a malformed tool call or an empty reply); invalid = action not "
+                                "admissible/accepted (ablation)", ["format", "invalid"])
     env_workers: int = common.flag(0, "env worker processes (0 = in this process)")
     user_model: str = common.flag("", "τ² user simulator: a local model (run here, greedy; '' = smollm2-135m) or "
                                "litellm:<name> for a hosted one, e.g. litellm:gpt-4.1")
@@ -303,7 +305,7 @@ def policy_rollouts(sampler, tokenizer, suite, idx: list[int], first: int, step:
                                     history=s.history, n_workers=s.env_workers, batch_size=len(idx) * s.group_size)
     generate_s = time.perf_counter() - t0
     returns = torch.tensor([sum(rewards.policy_step_rewards(ep["steps"], ep["success"], s.win_reward, s.step_penalty,
-                                                            s.penalize)) for ep in episodes])
+                                                            s.penalize, s.env)) for ep in episodes])
     logs = {"won": [ep["success"] for ep in episodes], "valid": [st["valid"] for ep in episodes for st in ep["steps"]],
             "ep_len": [ep["n_steps"] for ep in episodes]}
     return Rollouts([[st["sample"] for st in ep["steps"]] for ep in episodes], returns, logs, generate_s)
@@ -689,7 +691,7 @@ def main(argv: list[str] | None = None) -> Path:
         t_train = time.perf_counter()
         # 4. log: the rollouts over all ranks, the update's stats (agreement, TIS), alarms, held-out accuracy
         row = {"step": step + 1, "epoch": round((step + 1) * P / n_items, 4),
-               **diagnostics.rollout_metrics(gather_logs(d, roll, zero_var), G, s.drop_zero_var),
+               **diagnostics.rollout_metrics(gather_logs(d, roll, zero_var), G, s.drop_zero_var, s.env),
                **count_nonfinite(state, train, step, d), "lr": lr}
         row["alarms"] = diagnostics.step_alarms(row, state)
         t_diag = time.perf_counter() - t_train

@@ -5,8 +5,9 @@ own Orchestrator and routes the user simulator's LLM calls to a local callable.
 
 An episode is the official conversation. reset() runs the orchestrator up to the agent's first turn (the agent greets,
 the user simulator states its problem); each step(action) is one agent turn:
-  * a tool call, written as one JSON object {"name": <tool>, "arguments": {<argument>: <value>}}: it runs on the
-    domain env and the tool's reply comes back (next_kind "tool");
+  * a tool call, written as one JSON object {"name": <tool>, "arguments": {<argument>: <value>}}, bare or in one
+    <tool_call></tool_call> block (prompts.parse_tool_call): it runs on the domain env and the tool's reply comes
+    back (next_kind "tool");
   * anything else: a message to the user; the user simulator answers (in telecom it may first run its own tools on
     its phone, unseen by the agent), next_kind "user";
   * a call of `done` (the stop tool τ²'s gym adds to the agent's tools) or a message containing ###STOP###
@@ -19,18 +20,24 @@ Every step's info says task_status "completed" when the conversation ended there
 (the status the world model predicts, paper App. C.1; it says nothing about success), else "ongoing" (a cut at a
 step or error limit is not in the conversation, so it stays "ongoing").
 
+What the agent sees is τ²'s own agent prompt: every info (reset and step) holds "messages", the conversation as
+τ²'s LLMAgent sends it to its LLM (τ²'s system prompt, then the agent's view of the conversation as chat messages:
+its messages and tool calls, the user's messages, the tool replies), and "tools", the agent's tool schemas (the
+domain's tools plus the gym's `done`) that the chat template renders (common.chat_ids).
+
 Invalid actions never raise. A call τ² can run but that fails (unknown tool, bad or wrongly typed arguments) goes
 into the conversation and is answered by τ²'s env with its own "Error: ..." reply, as in the benchmark. A call τ²
-cannot even represent (text starting with "{" that is not {"name": str, "arguments": dict}) or an empty action is
-answered with "Error: <why>" without entering the conversation; it costs the 2 steps and the error that a failing
-call costs in τ². Both set info["valid"] = False; info["executed"] tells them apart (True: τ² ran the call or
-delivered the message, so its reply is a real transition; False: rejected unparsed, or acting after the end).
+cannot even represent (text starting with "{" or <tool_call> that is not one {"name": str, "arguments": dict}) or an
+empty action is answered with "Error: <why>" without entering τ²'s conversation (the agent's "messages" show it); it
+costs the 2 steps and the error that a failing call costs in τ². Both set info["valid"] = False; info["executed"]
+tells them apart (True: τ² ran the call or delivered the message, so its reply is a real transition; False: rejected
+unparsed, or acting after the end).
 
 The user simulator is τ²'s UserSimulator (its guidelines + the task's user scenario), unchanged. Its LLM is either a
 local chat callable `user_llm(messages: list[dict]) -> str` (served to τ² through litellm's in-process custom
 provider, no network) or any litellm model name `user_model` (e.g. "gpt-4.1", needs that provider's API key).
-A plain callable has no tools API, so for telecom the user's tools are written into its system prompt in the
-agent's JSON format and a reply that is such a JSON object becomes a tool call.
+A plain callable has no tools API, so for telecom the user's tools are written into its system prompt (a call is
+one JSON object) and a reply that is such a JSON object becomes a tool call.
 
 NL-assertion checks need an LLM judge; they are off by default (nl_checks=False); when on, the judge is the user
 simulator's LLM. No official train/test task puts NL assertions in its reward basis: they are reported, never scored.
@@ -62,14 +69,15 @@ from tau2.registry import registry
 from tau2.user.user_simulator import UserSimulator
 from tau2.utils.utils import get_now
 
+from prompts import parse_tool_call
+
 DOMAINS = ("airline", "retail", "telecom")
-MAX_ARG_DEPTH = 32  # deeper arguments are rejected: τ² copies and serializes every message, failing past ~250
 TOOL_FORMAT = ('To call a tool, {how} only a JSON object {{"name": <tool name>, "arguments": {{<argument>: '
                '<value>}}}}, one call per turn. Any other {what} is {other}.')
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Text helpers (collect.py uses mask_tool_reply; the action format is shared by the agent and a local user)
+# Text helpers (collect.py uses mask_tool_reply; the tool list in text serves a local user and the world model)
 
 def json_schema(value) -> dict:
     """OpenAPI-style schema of a JSON value (paper App. C.1): keeps the shape, drops every value."""
@@ -97,35 +105,10 @@ def mask_tool_reply(text: str) -> str:
     return json.dumps(json_schema(value))
 
 
-def _depth(value) -> int:
-    if isinstance(value, dict):
-        return 1 + max(map(_depth, value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max(map(_depth, value), default=0)
-    return 0
-
-
-def parse_tool_call(text: str) -> tuple[str, dict] | None:
-    """(name, arguments) if text is a tool call, None if it is a message; ValueError for a malformed call."""
-    text = text.strip()
-    if not text.startswith("{"):
-        return None
-    try:
-        call = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"the tool call is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
-    if not (isinstance(call, dict) and set(call) <= {"name", "arguments"} and isinstance(call.get("name"), str)
-            and isinstance(call.get("arguments", {}), dict)):
-        raise ValueError('a tool call must be one JSON object {"name": <tool name>, "arguments": {...}}')
-    arguments = call.get("arguments", {})
-    if _depth(arguments) > MAX_ARG_DEPTH:
-        raise ValueError(f"the tool call's arguments are nested deeper than {MAX_ARG_DEPTH} levels")
-    return call["name"], arguments
-
-
 def tools_prompt(schemas: list[dict], other: str, how: str = "reply with", what: str = "reply") -> str:
-    """The tool list and call format appended to a system prompt (chat models without a tools API). The user
-    simulator replies with the call itself; our agent writes it as its action (inside <action></action>)."""
+    """The tool list and call format appended to a system prompt: the local user simulator's (a chat callable
+    without a tools API replies with the call itself), and the agent's system prompt in the world-model prompt
+    (Table A6), where the actions are the env's call JSON."""
     lines = "\n".join(json.dumps(s) for s in schemas)
     return f"\n\n# Tools\n{TOOL_FORMAT.format(how=how, what=what, other=other)}\n<tools>\n{lines}\n</tools>"
 
@@ -237,13 +220,16 @@ class Tau2Env:
         self.orch.initialize()
         self.result = None
         self._run()
-        schemas = [t.openai_schema for t in agent.tools]
+        self.tools = [t.openai_schema for t in agent.tools]
+        system = LLMAgent(agent.tools, agent.domain_policy).system_prompt  # τ²'s own agent prompt and policy
         first = [m for m in self.orch.trajectory if isinstance(m, (AssistantMessage, UserMessage))
                  and not m.is_tool_call()]
+        self.chat = [{"role": "system", "content": system}] + [{"role": m.role, "content": m.content} for m in first]
         info = {"instruction": AGENT_INSTRUCTION, "admissible": None, "gold": self._gold(),
-                "task_type": self.domain, "next_kind": "user", "tools": schemas,
-                "system_prompt": LLMAgent(agent.tools, agent.domain_policy).system_prompt
-                + tools_prompt(schemas, "sent to the user as your message", how="make your action", what="action"),
+                "task_type": self.domain, "next_kind": "user", "tools": self.tools, "messages": list(self.chat),
+                # the world-model prompt's agent system prompt (Table A6): τ²'s, with the tools in text
+                "system_prompt": system + tools_prompt(self.tools, "a message to the user", how="the assistant writes",
+                                                       what="response"),
                 "user_info": _user_info(self.task),
                 "reply": first[-1].content if first else "", "done": self.orch.done}
         return _format(first), info
@@ -252,9 +238,10 @@ class Tau2Env:
         if self.orch is None:
             raise RuntimeError("call reset(task_id) first")
         info = {"won": False, "valid": True, "executed": True, "admissible": None, "gold": None, "next_kind": "user",
-                "tool_name": None, "reply": "", "task_status": "ongoing"}
+                "tool_name": None, "reply": "", "task_status": "ongoing", "tools": self.tools}
         if self.orch.done:  # e.g. the user stopped before the agent's first turn: the action has no effect
-            return "", self.result[0], True, {**self._end_info(), "valid": False, "executed": False}
+            return "", self.result[0], True, {**info, **self._end_info(), "valid": False, "executed": False,
+                                              "messages": list(self.chat)}
         try:
             call = parse_tool_call(action)
             if call is None and not action.strip():
@@ -263,13 +250,17 @@ class Tau2Env:
             if refusal:
                 raise ValueError(refusal)
         except ValueError as e:
-            return self._reject(str(e), info)
+            return self._reject(action, str(e), info)
         if call is None:
             message = AssistantMessage(role="assistant", content=action)
+            self.chat.append({"role": "assistant", "content": action})
         else:
             info["next_kind"], info["tool_name"] = "tool", call[0]
+            call_id = f"call_{next(self.call_ids)}"
             message = AssistantMessage(role="assistant", tool_calls=[
-                ToolCall(id=f"call_{next(self.call_ids)}", name=call[0], arguments=call[1], requestor="assistant")])
+                ToolCall(id=call_id, name=call[0], arguments=call[1], requestor="assistant")])
+            self.chat.append({"role": "assistant", "content": "", "tool_calls": [
+                {"id": call_id, "type": "function", "function": {"name": call[0], "arguments": call[1]}}]})
         n = len(self.orch.trajectory)
         self.orch.agent.next_message = message
         self._run()
@@ -280,6 +271,8 @@ class Tau2Env:
             tool = next((m for m in replies if isinstance(m, ToolMessage)), None)
             info["valid"] = tool is not None and not tool.error
             info["reply"] = tool.content if tool is not None else ""
+            if tool is not None:
+                self.chat.append({"role": "tool", "tool_call_id": call_id, "name": call[0], "content": tool.content})
             # a required call counts as made once τ² ran it, even when it answers with an error (some tasks
             # intend that): else the gold hint would repeat it until the episode's error limit
             if tool is not None and self.gold_done < len(self.gold) and \
@@ -290,7 +283,9 @@ class Tau2Env:
             info["reply"] = said[-1].content if said else ""
             info["user_tool_calls"] = sum(len(m.tool_calls) for m in replies
                                           if isinstance(m, UserMessage) and m.is_tool_call())
-        info["gold"] = self._gold()
+            if said:
+                self.chat.append({"role": "user", "content": info["reply"]})
+        info["gold"], info["messages"] = self._gold(), list(self.chat)
         obs = f"{info['next_kind']}: {info['reply']}" if info["reply"] else ""
         if not self.orch.done:
             return obs, 0.0, False, info
@@ -309,13 +304,16 @@ class Tau2Env:
         a = self.gold[self.gold_done]
         return json.dumps({"name": a.name, "arguments": a.arguments})
 
-    def _reject(self, why: str, info: dict) -> tuple[str, float, bool, dict]:
+    def _reject(self, action: str, why: str, info: dict) -> tuple[str, float, bool, dict]:
         """An action τ² cannot represent: answered like a failed call, counted as one (2 steps, 1 error)."""
         o = self.orch
         o.step_count += 2
         o.num_errors += 1
         self._check_limits()
         info.update(valid=False, executed=False, next_kind="tool", reply=f"Error: {why}")
+        # the agent sees what it wrote and the error, as after a failing call (not in τ²'s conversation)
+        self.chat += [{"role": "assistant", "content": action}, {"role": "tool", "content": info["reply"]}]
+        info["messages"] = list(self.chat)
         obs = f"tool: {info['reply']}"
         if not o.done:
             return obs, 0.0, False, info

@@ -182,23 +182,28 @@ def test_a_crashed_worker_fails_its_episode_and_the_run_goes_on():
 
 
 class FakeTau2Env:
-    """τ²'s shape: no admissible list, a system prompt and user info at reset, next_kind "tool" | "user"; a call to
-    "Bad_Tool" runs and fails (executed, invalid), an empty action is rejected unrun (not executed)."""
+    """τ²'s shape: no admissible list, a system prompt, user info, the agent's chat and tools in the info, next_kind
+    "tool" | "user"; a call to "Bad_Tool" runs and fails (executed, invalid), an empty action is rejected unrun
+    (not executed)."""
+    TOOLS = [{"type": "function", "function": {"name": "Get_Order", "parameters": {}}}]
 
     def reset(self, task_id):
         self.t = 0
+        self.chat = [{"role": "system", "content": "SYS POLICY"}, {"role": "user", "content": "where is my order?"}]
         return "user: where is my order?", {"instruction": "help the user", "admissible": None, "gold": None,
                                             "task_type": "retail", "next_kind": "user", "system_prompt": "SYS POLICY",
-                                            "user_info": "name: Ann"}
+                                            "user_info": "name: Ann", "messages": list(self.chat), "tools": self.TOOLS}
 
     def step(self, action):
         self.t += 1
         tool, error = action.startswith("{") or not action, "Bad_Tool" in action or not action
         obs = ("tool: Error: no such tool" if error else 'tool: {"order_id": "#W1", "items": [{"price": 10.5}]}'
                if tool else "user: thanks")
+        kind, reply = obs.split(": ", 1)
+        self.chat += [{"role": "assistant", "content": action}, {"role": kind, "content": reply}]
         return obs, float(self.t == 4), self.t == 4, {"won": self.t == 4, "valid": not error, "executed": bool(action),
-                                                      "admissible": None, "gold": None,
-                                                      "next_kind": "tool" if tool else "user"}
+                                                      "admissible": None, "gold": None, "next_kind": kind,
+                                                      "messages": list(self.chat), "tools": self.TOOLS}
 
     def close(self):
         pass
@@ -210,17 +215,20 @@ class FakeTau2Suite(FakeSuite):
 
 
 def test_tau2_shaped_env_system_prompt_kinds_and_masked_tool_replies():
-    replies = ['<action>{"name": "Get_Order", "arguments": {"order_id": "#W1"}}</action>',
-               '<action>{"name": "Bad_Tool", "arguments": {}}</action>', "<action>It costs 10.5 USD.</action>",
-               "no tags at all"]
+    replies = ['<tool_call>{"name": "Get_Order", "arguments": {"order_id": "#W1"}}</tool_call>',
+               '<think>try</think><tool_call>{"name": "Bad_Tool", "arguments": {}}</tool_call>',
+               "It costs 10.5 USD.", "<think>thought, then said nothing</think>"]
     prompts = []
 
     def act(messages_list, infos):
-        prompts.append(messages_list[0][0]["content"])
+        prompts.append((messages_list[0], infos[0]["tools"]))
         return [Sample([], [], replies[len(prompts) - 1], [], True)]
 
     (episode,) = run_episodes(act, FakeTau2Suite(), [("retail/1", 0)], env="tau2", split="train", history=5)
-    assert all(p.startswith("SYS POLICY") for p in prompts) and "user: thanks" in prompts[3]
+    # the agent sees the env's chat (its system prompt first, the whole conversation) and its tools
+    assert all(m[0] == {"role": "system", "content": "SYS POLICY"} and tools == FakeTau2Env.TOOLS
+               for m, tools in prompts)
+    assert len(prompts[3][0]) == 2 + 2 * 3 and prompts[3][0][-1] == {"role": "user", "content": "thanks"}
     assert [st["valid"] for st in episode["steps"]] == [True, False, True, False] and episode["success"]
     assert [st["executed"] for st in episode["steps"]] == [True, True, True, False]
     assert episode["steps"][0]["action"] == '{"name": "Get_Order", "arguments": {"order_id": "#W1"}}'  # case kept

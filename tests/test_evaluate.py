@@ -535,7 +535,7 @@ def test_summary_json_and_report_table(tmp_path):
         "agent": {"alfworld/valid_seen": {"k": 1, "n": 10, "ci95": list(wilson_interval(1, 10))}},
         "weights_changed": None,
         "forgetting": {"nll": 2.0, "nll_delta": 0.0, "n_tokens": 500,
-                       "contains": {"k": 30, "n": 60, "ci95": list(wilson_interval(30, 60))}}}
+                       "contains": {"k": 30, "n": 60, "ci95": list(wilson_interval(30, 60))}, "lm_eval": {}}}
     rwml = summary["runs"]["rwml"]
     assert rwml["weights_changed"] == 5 / 14 and rwml["forgetting"]["nll_delta"] == 0.25
     assert set(rwml["agent"]) == {"alfworld/valid_seen", "alfworld/valid_unseen"}
@@ -550,3 +550,131 @@ def test_summary_json_and_report_table(tmp_path):
     with pytest.raises(SystemExit, match=r"eval/DONE: expected '<seconds> s'"):
         evaluate.main(["--what", "report", "--runs", f"base={runs / 'base'}", "--stages", str(pipeline),
                        "--out-dir", str(out)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forgetting through lm-eval (paper Table 3), offline on the local tasks of data/lm_eval
+
+LM_EVAL_DIR = Path(evaluate.__file__).resolve().parent / "data" / "lm_eval"
+
+
+def test_lm_eval_scores_keep_every_metric_with_its_stderr():
+    res = {"results": {"grp": {"alias": "grp", "acc,none": 0.5, "acc_stderr,none": 0.1},
+                       "grp_a": {"alias": "a", "sample_len": 3, "acc,none": 1.0, "acc_stderr,none": "N/A",
+                                 "exact_match,strict": 0.25, "exact_match_stderr,strict": float("nan")}},
+           "n-samples": {"grp_a": {"original": 4, "effective": 3}, "grp_b": {"original": 5, "effective": 5}}}
+    got = evaluate.lm_eval_scores(res, "grp")
+    assert got == {"metrics": {"acc,none": {"value": 0.5, "stderr": 0.1}}, "n": 8, "parts": {"grp_a": {
+        "acc,none": {"value": 1.0, "stderr": None}, "exact_match,strict": {"value": 0.25, "stderr": None}}}}
+    assert evaluate.lm_eval_scores(res, "a_tag")["metrics"] == {}  # a tag has no row of its own: its parts hold it
+
+
+def test_shipped_lm_eval_tasks_are_well_formed():
+    mc = read_jsonl(LM_EVAL_DIR / "rwml_general_mc.jsonl", required=("id", "question", "choices", "answer"))
+    gen = read_jsonl(LM_EVAL_DIR / "rwml_general_gen.jsonl", required=("id", "question", "answer"))
+    assert len(mc) >= 10 and all(len(r["choices"]) == 4 and r["answer"] in range(4) for r in mc)
+    assert len(gen) >= 10 and all(r["answer"] and " " not in r["answer"] for r in gen)  # one word each
+    assert len({r["id"] for r in mc + gen}) == len(mc) + len(gen)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rwml_general", LM_EVAL_DIR / "rwml_general.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.contains({"answer": "15"}, ["7 + 8 = 15."]) == {"contains": 1.0}
+    assert module.contains({"answer": "15"}, ["It is 115"]) == module.contains({"answer": "Green"}, [""]) == \
+        {"contains": 0.0}
+    assert module.contains({"answer": "Green"}, ["GREEN, of course"])["contains"] == 1.0
+
+
+def fit_to_choices(model, tok, steps=60):
+    """A few Adam steps on "Question: q\nAnswer: <right choice>" (lm-eval's plain multiple-choice prompt): a tiny
+    model that knows the local task's answers."""
+    rows = read_jsonl(LM_EVAL_DIR / "rwml_general_mc.jsonl")
+    seqs = [(tok(f"Question: {r['question']}\nAnswer:")["input_ids"],
+             tok(" " + r["choices"][r["answer"]], add_special_tokens=False)["input_ids"]) for r in rows]
+    width = max(len(p) + len(a) for p, a in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id)
+    labels, attn = torch.full_like(ids, -100), torch.zeros_like(ids)
+    for b, (p, a) in enumerate(seqs):
+        ids[b, :len(p) + len(a)] = torch.tensor(p + a)
+        labels[b, len(p):len(p) + len(a)] = torch.tensor(a)
+        attn[b, :len(p) + len(a)] = 1
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+@pytest.mark.slow  # lm-eval's import and two arms x (probe, two local tasks): ~40 s on the 2-core box
+def test_lm_eval_forgetting_on_local_tasks_into_the_report(tmp_path, probe_file, monkeypatch):
+    """Two arms through lm-eval on the shipped local tasks: a model fitted to the multiple-choice answers scores
+    all of them, the same model perturbed does not; the numbers land in results.json, lm_eval.jsonl, summary.json
+    and the report's forgetting table, and a rerun reuses the finished tasks."""
+    torch.manual_seed(0)
+    model, tok = common.load_model("tiny")
+    fit_to_choices(model, tok)
+    model.save_pretrained(tmp_path / "fitted")
+    tok.save_pretrained(tmp_path / "fitted")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * p.std() * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "perturbed")
+    tok.save_pretrained(tmp_path / "perturbed")
+    argv = ["--what", "arms", "--arms", f"base={tmp_path / 'fitted'},rwml={tmp_path / 'perturbed'}",
+            "--evals", "forgetting", "--probe", str(probe_file), "--probe-max-new-tokens", "2",
+            "--lm-eval-tasks", "rwml_general_mc,rwml_general_gen", "--lm-eval-include", str(LM_EVAL_DIR),
+            "--no-lm-eval-chat", "--out-dir", str(tmp_path / "eval")]
+    got = evaluate.main(argv)
+    fitted, perturbed = got["base"]["forgetting"]["lm_eval"], got["rwml"]["forgetting"]["lm_eval"]
+    assert set(fitted) == set(perturbed) == {"rwml_general_mc", "rwml_general_gen"}
+    acc = fitted["rwml_general_mc"]["metrics"]["acc,none"]
+    assert acc["value"] == 1.0 and fitted["rwml_general_mc"]["n"] == 12  # the loaded model was the one scored
+    assert perturbed["rwml_general_mc"]["metrics"]["acc,none"]["value"] < 1.0
+    assert 0 < perturbed["rwml_general_mc"]["metrics"]["acc,none"]["stderr"] < 0.2
+    assert fitted["rwml_general_gen"]["n"] == 10 and "contains,none" in fitted["rwml_general_gen"]["metrics"]
+    rows = read_jsonl(tmp_path / "eval" / "base" / "forgetting" / "lm_eval.jsonl")
+    assert [r["task"] for r in rows] == ["rwml_general_mc", "rwml_general_gen"]
+    evaluate.main(["--what", "report", "--runs", f"base={tmp_path / 'eval/base'},rwml={tmp_path / 'eval/rwml'}",
+                   "--out-dir", str(tmp_path / "report")])
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())["runs"]
+    assert summary["base"]["forgetting"]["lm_eval"]["rwml_general_mc"] == {
+        "n": 12, "metrics": fitted["rwml_general_mc"]["metrics"]}
+    text = (tmp_path / "report" / "report.md").read_text()
+    p = perturbed["rwml_general_mc"]["metrics"]["acc,none"]
+    assert "| benchmark | metric | n | base | rwml |" in text
+    assert f"| rwml_general_mc | acc,none | 12 | 1.000 ± 0.000 | {p['value']:.3f} ± {p['stderr']:.3f} |" in text
+    assert "| probe (--probe) | NLL/token (lower is better) | – |" in text
+    # a kill after the first task: the rerun runs only the second one
+    (tmp_path / "eval" / "rwml" / "forgetting" / "results.json").unlink()
+    path = tmp_path / "eval" / "rwml" / "forgetting" / "lm_eval.jsonl"
+    path.write_text(path.read_text().splitlines()[0] + "\n")
+    import lm_eval
+    ran = []
+    real = lm_eval.simple_evaluate
+    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: ran.append(kw["tasks"]) or real(**kw))
+    again = evaluate.main(argv)["rwml"]["forgetting"]["lm_eval"]
+    assert again["rwml_general_mc"] == perturbed["rwml_general_mc"]  # read back, not rerun
+    assert again["rwml_general_gen"]["metrics"] == perturbed["rwml_general_gen"]["metrics"]  # rerun, same greedy
+    assert [[t.task_name for t in tasks] for tasks in ran] == [["rwml_general_gen"]]
+
+
+def test_lm_eval_bad_tasks_are_named_before_the_model_loads(tmp_path, probe_file, monkeypatch):
+    monkeypatch.setattr(evaluate, "eval_model", lambda *a: pytest.fail("the model loaded before the task check"))
+
+    def forgetting(*flags):
+        return evaluate.main(["--what", "forgetting", "--model", "tiny", "--probe", str(probe_file),
+                              "--out-dir", str(tmp_path / f"out{len(list(tmp_path.iterdir()))}"), *flags])
+    with pytest.raises(SystemExit, match="--lm-eval-include .*nowhere: no such folder"):
+        forgetting("--lm-eval-tasks", "rwml_general_mc", "--lm-eval-include", str(tmp_path / "nowhere"))
+    # a local task whose data file is gone: the error names the file
+    local = tmp_path / "tasks"
+    local.mkdir()
+    for f in ("rwml_general.py", "rwml_general_gen.yaml"):
+        (local / f).write_text((LM_EVAL_DIR / f).read_text())
+    with pytest.raises(FileNotFoundError, match="rwml_general_gen.jsonl does not exist"):
+        forgetting("--lm-eval-tasks", "rwml_general_gen", "--lm-eval-include", str(local))
+    # a name neither lm-eval nor the folder knows (this one indexes lm-eval's own tasks: ~15 s)
+    with pytest.raises(SystemExit, match="unknown task 'rwml_no_such_task': not in lm-eval .* nor in"):
+        forgetting("--lm-eval-tasks", "rwml_general_mc,rwml_no_such_task", "--lm-eval-include", str(LM_EVAL_DIR))

@@ -1,7 +1,10 @@
 """prompts.py: agent/world-model prompts and tag parsing that never raises, whatever the model wrote."""
 import pytest
 
-from prompts import agent_messages, extract_next_state, last_block, parse_action, wm_messages, wm_sft_target
+import json
+
+from prompts import (agent_messages, agent_reply_ok, extract_next_state, last_block, parse_action, parse_tool_call,
+                     parse_tool_reply, tools_in_text, wm_messages, wm_sft_target)
 
 ADMISSIBLE = ["go to desk 1", "open drawer 2", "look", "inventory"]
 
@@ -21,6 +24,9 @@ def test_parsing_never_raises_on_garbage(text):
         assert isinstance(action, str) and isinstance(valid, bool)
     assert isinstance(extract_next_state(text), str)
     assert isinstance(last_block(text, "think"), (str, type(None)))
+    for reply in (text, f"<tool_call>{text}</tool_call>", "<tool_call>" + text, text + "<tool_call>{"):
+        action, ok = parse_tool_reply(reply)
+        assert isinstance(action, str) and isinstance(ok, bool)
 
 
 def test_last_complete_action_block_wins():
@@ -41,7 +47,7 @@ def test_action_is_lowercased_and_stripped_and_checked_against_admissible():
 
 
 def test_without_admissible_list_the_raw_action_goes_to_the_env():
-    # τ²: no admissible list, case kept (tool names, JSON arguments), the env judges validity
+    # an env without an admissible list: case kept, the env judges validity
     call = '{"name": "Get_Order", "arguments": {"order_id": "#W1"}}'
     assert parse_action(f"<think>t</think><action> {call} </action>", None) == (call, True)
     assert parse_action("<action></action>", None) == ("", False)
@@ -64,8 +70,64 @@ def test_agent_prompt_holds_instruction_history_obs_and_admissible():
     for piece in ["ALFRED", "put a mug in the desk.", "already taken 2 step(s)", "You arrive at desk 1.",
                   "'open drawer 2'", "step 3", "You open the drawer 2.", "'inventory'", "<think>", "<action>"]:
         assert piece in text
-    first = agent_messages("t", [], "start", None, 0, "twx", system="SYSTEM PROMPT")[0]["content"]
-    assert first.startswith("SYSTEM PROMPT") and "already taken" not in first and "admissible" not in first
+    first = agent_messages("t", [], "start", None, 0, "twx")[0]["content"]
+    assert first.startswith("You are an expert agent playing") and "already taken" not in first
+    assert "admissible" not in first
+
+
+CALL = {"name": "get_order_details", "arguments": {"order_id": "#W1"}}
+
+
+@pytest.mark.parametrize("reply, action, ok", [
+    # the Hermes format of Qwen's templates, with or without reasoning first; text beside the call is dropped
+    (f"<tool_call>\n{json.dumps(CALL)}\n</tool_call>", json.dumps(CALL), True),
+    (f"<think>I need the order.</think>\n<tool_call>{json.dumps(CALL)}</tool_call>", json.dumps(CALL), True),
+    (f"Let me check. <tool_call>{json.dumps(CALL)}</tool_call>", json.dumps(CALL), True),
+    # a bare JSON call (Llama 3 writes "parameters"), normalised to the env's {"name", "arguments"}
+    (json.dumps({"name": "get_order_details", "parameters": {"order_id": "#W1"}}), json.dumps(CALL), True),
+    ('{"name": "done"}', '{"name": "done", "arguments": {}}', True),
+    # a message to the user, without its reasoning
+    ("<think>greet</think> Hello! What is your order id?", "Hello! What is your order id?", True),
+    # malformed calls go to the env as written (it answers with its error); empty replies are ""
+    ('<tool_call>{"name": "get_order_details", "arguments": {"order_id": </tool_call>',
+     '<tool_call>{"name": "get_order_details", "arguments": {"order_id": </tool_call>', False),
+    (f"<tool_call>{json.dumps(CALL)}", f"<tool_call>{json.dumps(CALL)}", False),  # never closed
+    (f"<tool_call>{json.dumps(CALL)}</tool_call><tool_call>{json.dumps(CALL)}</tool_call>",
+     f"<tool_call>{json.dumps(CALL)}</tool_call><tool_call>{json.dumps(CALL)}</tool_call>", False),  # two calls
+    ("<tool_call>hello</tool_call>", "<tool_call>hello</tool_call>", False),
+    ('{"tool": "x"}', '{"tool": "x"}', False),
+    ("<think>still thinking when the token cap hit", "", False),
+    ("   ", "", False),
+])
+def test_tool_reply_becomes_the_env_action(reply, action, ok):
+    assert parse_tool_reply(reply) == (action, ok)
+    assert agent_reply_ok(reply, "tau2") is ok
+    if not ok and action:  # the env's own parse names what is wrong
+        with pytest.raises(ValueError):
+            parse_tool_call(action)
+
+
+def test_agent_reply_format_depends_on_the_env():
+    assert agent_reply_ok("<think>x</think><action>look</action>", "alfworld")
+    assert not agent_reply_ok("look", "alfworld") and agent_reply_ok("look", "tau2")  # τ²: a message
+    assert not agent_reply_ok(f"<tool_call>{json.dumps(CALL)}</tool_call>", "twx")
+
+
+def test_tools_in_text_for_templates_without_tools():
+    tools = [{"type": "function", "function": {"name": "get_order_details", "parameters": {}}}]
+    chat = [{"role": "system", "content": "POLICY"}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "", "tool_calls": [{"id": "c0", "type": "function", "function": CALL}]},
+            {"role": "tool", "tool_call_id": "c0", "content": '{"status": "pending"}'},
+            {"role": "assistant", "content": "It is pending."}]
+    out = tools_in_text(chat, tools)
+    assert [m["role"] for m in out] == ["system", "user", "assistant", "user", "assistant"]
+    assert out[0]["content"].startswith("POLICY\n\n# Tools\n") and json.dumps(tools[0]) in out[0]["content"]
+    assert "<tool_call>" in out[0]["content"]  # the format the model is asked to use
+    assert out[2]["content"] == f"<tool_call>{json.dumps(CALL)}</tool_call>"
+    assert parse_tool_reply(out[2]["content"]) == (json.dumps(CALL), True)  # what it is shown, it can write back
+    assert out[3]["content"] == '<tool_response>\n{"status": "pending"}\n</tool_response>'
+    assert all(set(m) == {"role", "content"} for m in out) and chat[0]["content"] == "POLICY"  # input untouched
+    assert tools_in_text([{"role": "user", "content": "hi"}], tools)[0]["role"] == "system"
 
 
 def test_wm_prompt_for_text_games_and_tau2():

@@ -251,3 +251,15 @@ def test_policy_step_rewards_follow_verl_agent():
     assert policy_step_rewards([], won=False) == []
     with pytest.raises(ValueError, match="penalize"):
         policy_step_rewards(steps, won=True, penalize="admissible")
+
+
+def test_tau2_policy_penalty_hits_malformed_tool_calls_not_plain_messages():
+    """τ² replies in the chat template's format: a message needs no tags; a broken <tool_call> or an empty reply
+    breaks the format, a well-formed call that the env rejects (unknown tool) does not."""
+    steps = [{"response": "Could you give me your order id?", "valid": True},
+             {"response": '<tool_call>{"name": "no_such_tool", "arguments": {}}</tool_call>', "valid": False},
+             {"response": '<tool_call>{"name": "get_order_details", "arguments": </tool_call>', "valid": False},
+             {"response": "<think>only thoughts</think>", "valid": False},
+             {"response": '<think>ok</think><tool_call>{"name": "done", "arguments": {}}</tool_call>', "valid": True}]
+    assert policy_step_rewards(steps, won=True, env="tau2") == pytest.approx([0.0, 0.0, -0.1, -0.1, 10.0])
+    assert policy_step_rewards(steps, won=True) == pytest.approx([-0.1] * 4 + [9.9])  # text-game format: no <action>

@@ -258,15 +258,16 @@ def test_mask_tool_reply():
 # The pipeline on τ²: collect -> filter -> train_rwml --task wm -> evaluate (wm, agent), tiny models throughout
 
 def gold_actor(messages_list, infos):
-    """Replays the env's next required call (info["gold"]) but every third turn (and once the calls run out)
-    writes to the user, so an episode holds both next kinds. A reset info (it has "instruction") restarts the
-    turn count; batch_size 1 keeps one episode live at a time."""
+    """Replays the env's next required call (info["gold"]) as a <tool_call> but every third turn (and once the
+    calls run out) writes to the user, so an episode holds both next kinds. A reset info (it has "instruction")
+    restarts the turn count; batch_size 1 keeps one episode live at a time."""
     from common import Sample
     out = []
     for info in infos:
         gold_actor.turn = 0 if "instruction" in info else gold_actor.turn + 1
-        action = info["gold"] if info["gold"] and gold_actor.turn % 3 != 2 else "Could you confirm your zip code?"
-        out.append(Sample([], [], f"<think>scripted</think><action>{action}</action>", [], True))
+        reply = f"<tool_call>{info['gold']}</tool_call>" if info["gold"] and gold_actor.turn % 3 != 2 else \
+            "Could you confirm your zip code?"
+        out.append(Sample([], [], f"<think>scripted</think>{reply}", [], True))
     return out
 
 
@@ -363,3 +364,103 @@ def test_make_suite_routes_the_user_simulator(monkeypatch):
     monkeypatch.setattr(rollout, "load_model", lambda name, device=None: loaded.append(name) or (None, None))
     assert rollout.make_suite("tau2", "test", task_type="retail").user_llm is not None
     assert loaded == ["smollm2-135m"]  # the offline default
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The policy plays τ² as the paper does: τ²'s own agent prompt, the whole conversation as chat messages, the tools
+# through the chat template, replies in the template's tool-call format
+
+# A tool-rendering chat template written for these tests, in the Hermes convention of Qwen's templates: the tools
+# in the system turn, past calls as <tool_call> blocks, tool replies as <tool_response> user turns.
+TOOLS_TEMPLATE = (
+    "{%- for m in messages %}<|im_start|>{{ 'user' if m.role == 'tool' else m.role }}\n"
+    "{%- if m.role == 'system' %}{{ m.content }}{% if tools %}\nTOOLS:{% for t in tools %}\n{{ t | tojson }}"
+    "{% endfor %}{% endif %}"
+    "{%- elif m.tool_calls %}{% for c in m.tool_calls %}<tool_call>{{ {'name': c.function.name, 'arguments': "
+    "c.function.arguments} | tojson }}</tool_call>{% endfor %}"
+    "{%- elif m.role == 'tool' %}<tool_response>{{ m.content }}</tool_response>"
+    "{%- else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def played_episode():
+    """retail/0 with a user that always says the same: a call in the template's format (the required lookup), a
+    malformed call, a message, then τ²'s `done` call; returns (episode, [(prompt, tools, the env's gold call)] as
+    the agent saw them at each turn)."""
+    from common import Sample
+    from rollout import run_episodes
+    suite = make_suite("train", domain="retail", user_llm=lambda m: "I want to return my order.")
+    seen = []
+
+    def act(messages_list, infos):
+        (messages,), (info,) = messages_list, infos
+        seen.append((messages, info["tools"], info["gold"]))
+        reply = [f"<think>find the user</think>\n<tool_call>\n{info['gold']}\n</tool_call>",
+                 '<tool_call>{"name": "get_user_details", "arguments": {"user_id": </tool_call>',
+                 "<think>ask</think>Could you give me your order id?",
+                 '<tool_call>{"name": "done", "arguments": {}}</tool_call>'][len(seen) - 1]
+        return [Sample([], [], reply, [], True)]
+    (episode,) = run_episodes(act, suite, [("retail/0", 0)], env="tau2", split="train", max_env_steps=10)
+    return episode, seen
+
+
+def test_tau2_episode_with_template_tool_calls():
+    from tau2.agent.llm_agent import AGENT_INSTRUCTION
+    from tau2.registry import registry
+    episode, seen = played_episode()
+    gold = json.loads(seen[0][2])
+    call, bad, message, done = episode["steps"]
+    # the call in <tool_call> tags is τ²'s call: it ran and was the required one
+    assert json.loads(call["action"]) == gold and call["valid"] and call["executed"]
+    assert call["next_kind"] == "tool" and call["next_obs"] == "tool: yusuf_rossi_9620"
+    # a malformed call is an invalid action the env answered with its error, not a crash
+    assert not bad["valid"] and not bad["executed"] and bad["next_obs"].startswith("tool: Error: the tool call is")
+    assert message["action"] == "Could you give me your order id?" and message["valid"]  # the reasoning is dropped
+    assert message["next_obs"] == "user: I want to return my order."
+    assert done["done"] and episode["n_steps"] == 4
+    # the prompt: τ²'s system prompt (its agent instruction and the domain policy), the whole conversation, the tools
+    policy = registry.get_env_constructor("retail")().get_policy()
+    messages, tools, _ = seen[-1]
+    assert messages[0]["role"] == "system" and AGENT_INSTRUCTION in messages[0]["content"]
+    assert f"<policy>\n{policy}\n</policy>" in messages[0]["content"]
+    assert messages[1:3] == [{"role": "assistant", "content": "Hi! How can I help you today?"},
+                             {"role": "user", "content": "I want to return my order."}]
+    assert messages[3]["tool_calls"][0]["function"] == {"name": gold["name"], "arguments": gold["arguments"]}
+    assert messages[4] == {"role": "tool", "tool_call_id": messages[3]["tool_calls"][0]["id"],
+                           "name": gold["name"], "content": "yusuf_rossi_9620"}
+    assert messages[5]["role"] == "assistant" and messages[6]["content"].startswith("Error: the tool call is")
+    assert messages[7:] == [{"role": "assistant", "content": "Could you give me your order id?"},
+                            {"role": "user", "content": "I want to return my order."}]
+    names = [t["function"]["name"] for t in tools]
+    assert "find_user_id_by_name_zip" in names and "done" in names and all(t["type"] == "function" for t in tools)
+    # the triples keep the env's action (the call JSON), the world model's prompt shows the tools as text
+    from rollout import episode_triples
+    triples = episode_triples(episode, history=5)
+    assert [t["action"] for t in triples] == [call["action"], message["action"]]  # the malformed call: no triple
+    assert '"name": "find_user_id_by_name_zip"' in triples[0]["meta"]["system_prompt"]
+
+
+def test_tools_reach_the_model_through_the_chat_template(monkeypatch):
+    import rollout
+    from common import chat_ids, load_tokenizer, template_renders_tools
+    _, seen = played_episode()
+    messages, tools, _ = seen[-1]
+    tok = load_tokenizer("smollm2-135m")
+    # SmolLM2's template ignores tools=: they are written into the system turn, past calls as <tool_call> blocks
+    assert not template_renders_tools(tok)
+    text = tok.decode(chat_ids(tok, messages, tools))
+    assert "<policy>" in text and "To call a tool, reply with only <tool_call>" in text
+    assert json.dumps(tools[0]) in text and '<tool_call>{"name": "find_user_id_by_name_zip"' in text
+    assert "<tool_response>\nyusuf_rossi_9620\n</tool_response>" in text and text.endswith("<|im_start|>assistant\n")
+    # a template that renders tools gets them through tools=, and renders the past calls itself
+    tok.chat_template = TOOLS_TEMPLATE
+    assert template_renders_tools(tok)
+    text = tok.decode(chat_ids(tok, messages, tools))
+    listed = text.split("TOOLS:", 1)[1].split("<|im_end|>", 1)[0]
+    assert all(f'"{t["function"]["name"]}"' in listed for t in tools) and "To call a tool, reply with only" not in text
+    assert '<tool_call>{"name": "find_user_id_by_name_zip"' in text and "<tool_response>yusuf_rossi_9620<" in text
+    # the actor hands each episode's tools to the template
+    got = []
+    monkeypatch.setattr(rollout, "generate", lambda model, tok, prompts, *a, **k: got.extend(prompts) or [])
+    rollout.model_actor(None, tok, 1.0, 8)([messages], [{"tools": tools}])
+    assert got == [chat_ids(tok, messages, tools)]
