@@ -51,6 +51,7 @@ import prompts
 import rollout
 from kernels import group_advantages
 from kernels import grpo_loss as fused_grpo_loss
+from kernels.advantages import group_advantages_reference
 
 
 @dataclass
@@ -121,6 +122,13 @@ class Settings:
                    "k1 = log-ratio, whose expected gradient is zero (E_pi[grad log pi] = 0): k1 acts as --beta 0 plus "
                    "noise and only its logged kl means anything", ["k1", "k2", "k3"])
     adv_scale: str = common.flag("std", "advantage = (r - group mean) / group std, or r - group mean", ["std", "none"])
+    step_advantage: str = common.flag("none", "--task policy: gigpo = GiGPO's step-level advantage (arXiv 2505.10978): "
+                                      "steps of a group's episodes that saw the same observation form an anchor "
+                                      "group; each step adds --gigpo-weight x its return's anchor-group advantage",
+                                      ["none", "gigpo"])
+    gigpo_gamma: float = common.flag(0.95, "GiGPO: discount of a step's return over its own and later step rewards "
+                                           "(paper: 0.95)")
+    gigpo_weight: float = common.flag(1.0, "GiGPO: weight ω of the step advantage (paper: 1)")
     entropy_coef: float = common.flag(0.0, "entropy bonus (paper: 0 wm; 0.001 policy, configs/*_policy.json)")
     fused_loss: str = common.flag("auto", "compute the loss with the fused Triton kernel (kernels/grpo_loss.py): "
                                   "auto = on CUDA tensors; off = grpo_loss's PyTorch code (what an ablation edits)",
@@ -156,7 +164,7 @@ SAME_ON_RESUME = ("task", "model", "data", "max_prompt_tokens", "env", "split", 
                   "warmup_steps", "weight_decay", "grad_clip", "ppo_epochs", "optim", "precision", "lora_rank",
                   "lora_alpha", "agg", "clip_low", "clip_high", "beta", "kl", "adv_scale", "entropy_coef", "embedder",
                   "embed_instruction", "tau_d", "tau_d_user", "reward_max_tokens", "reward_mode", "judge_model",
-                  "tis_cap", "zero_var_std", "drop_zero_var")
+                  "tis_cap", "zero_var_std", "drop_zero_var", "step_advantage", "gigpo_gamma", "gigpo_weight")
 LOGP_TOL = 1e-3  # a log-prob above this is a bug (wrong normalisation or gather), not rounding
 
 
@@ -264,6 +272,7 @@ class Rollouts:
     rewards: torch.Tensor                # [members] the group reward of each member
     logs: dict[str, list]                # the task's lists for diagnostics.rollout_metrics (gathered over ranks)
     generate_s: float                    # seconds spent generating (the rest of the call is the reward)
+    step_adv: list[list[float]] | None = None   # per member, per sample: GiGPO's step advantage (None = off)
 
 
 def make_reward(s: Settings):
@@ -302,11 +311,48 @@ def policy_rollouts(sampler, tokenizer, suite, idx: list[int], first: int, step:
                                     env=s.env, split=s.split, model=s.model, max_env_steps=s.max_env_steps,
                                     history=s.history, n_workers=s.env_workers, batch_size=len(idx) * s.group_size)
     generate_s = time.perf_counter() - t0
-    returns = torch.tensor([sum(rewards.policy_step_rewards(ep["steps"], ep["success"], s.win_reward, s.step_penalty,
-                                                            s.penalize)) for ep in episodes])
+    step_rewards = [rewards.policy_step_rewards(ep["steps"], ep["success"], s.win_reward, s.step_penalty, s.penalize)
+                    for ep in episodes]
+    returns = torch.tensor([sum(r) for r in step_rewards])
     logs = {"won": [ep["success"] for ep in episodes], "valid": [st["valid"] for ep in episodes for st in ep["steps"]],
             "ep_len": [ep["n_steps"] for ep in episodes]}
-    return Rollouts([[st["sample"] for st in ep["steps"]] for ep in episodes], returns, logs, generate_s)
+    step_adv = None
+    if s.step_advantage == "gigpo":
+        step_adv, anchored = gigpo_step_advantages([[st["obs"] for st in ep["steps"]] for ep in episodes],
+                                                   step_rewards, s.group_size, s.gigpo_gamma, s.adv_scale)
+        logs["anchored"] = [a for ep in anchored for a in ep]
+    return Rollouts([[st["sample"] for st in ep["steps"]] for ep in episodes], returns, logs, generate_s, step_adv)
+
+
+def gigpo_step_advantages(states: list[list[str]], step_rewards: list[list[float]], group_size: int, gamma: float,
+                          scale: str) -> tuple[list[list[float]], list[list[bool]]]:
+    """GiGPO's step-level advantage (arXiv 2505.10978 §4.2): within a group of G episodes of one task (members
+    consecutive), the steps whose state (the observation the agent saw, exact text) is the same form an anchor
+    group; a step's return is sum_k gamma^k r_{t+k} over its own and later step rewards, and its step advantage is
+    the return's group advantage inside its anchor group (kernels.group_advantages' formula: (R - mean) / std or
+    R - mean, per --adv-scale). A step alone in its anchor group has nothing to compare with: 0.
+    -> (step advantages, in an anchor group of >= 2), both per episode, per step."""
+    returns = []
+    for rs in step_rewards:
+        acc, back = 0.0, []
+        for r in reversed(rs):
+            acc = r + gamma * acc
+            back.append(acc)
+        returns.append(back[::-1])
+    adv = [[0.0] * len(r) for r in returns]
+    anchored = [[False] * len(r) for r in returns]
+    for g0 in range(0, len(states), group_size):
+        anchors: dict[str, list[tuple[int, int]]] = {}
+        for i in range(g0, g0 + group_size):
+            for t, state in enumerate(states[i]):
+                anchors.setdefault(state, []).append((i, t))
+        for steps in anchors.values():
+            if len(steps) < 2:
+                continue
+            r = torch.tensor([returns[i][t] for i, t in steps], dtype=torch.float64)
+            for (i, t), a in zip(steps, group_advantages_reference(r, len(steps), scale).tolist()):
+                adv[i][t], anchored[i][t] = a, True
+    return adv, anchored
 
 
 def wm_task(s: Settings, d: common.Dist, sampler, tokenizer):
@@ -586,6 +632,8 @@ def check_settings(s: Settings, d: common.Dist) -> None:
         raise SystemExit(f"--gen-chunk {s.gen_chunk} must divide the prompts per rank ({P // d.world})")
     if s.temperature <= 0:
         raise SystemExit("--temperature must be > 0 for training (the trainer scores the sampled distribution)")
+    if s.step_advantage != "none" and s.task != "policy":
+        raise SystemExit(f"--step-advantage {s.step_advantage} is for --task policy (its steps and their states)")
     if s.tis_cap and s.tis_cap < 1:
         raise SystemExit(f"--tis-cap {s.tis_cap}: the cap must be >= 1 (or 0 = off)")
 
@@ -674,12 +722,15 @@ def main(argv: list[str] | None = None) -> Path:
         # 1. generate and reward: G responses (wm) or G episodes (policy) per item, one reward each
         roll = rollouts(stream(n_items, s.seed, first, P // d.world), first, step)
         t_gen = t0 + roll.generate_s
-        # 2. group advantages: every sample of a member (its response, its episode's steps) carries the member's
+        # 2. group advantages: every sample of a member (its response, its episode's steps) carries the member's;
+        #    GiGPO adds ω x each step's own advantage (gigpo_step_advantages)
         adv = group_advantages(roll.rewards, G, s.adv_scale)
         zero_var = diagnostics.zero_variance_groups(roll.rewards, G, s.zero_var_std)
         keep_group = ~zero_var if s.drop_zero_var else torch.ones_like(zero_var)   # DAPO's dynamic sampling
         seqs = [{"prompt_ids": x.prompt_ids, "response_ids": x.response_ids, "logprobs": x.logprobs,
-                 "adv": float(adv[i])} for i, member in enumerate(roll.samples) if keep_group[i // G] for x in member]
+                 "adv": float(adv[i]) if roll.step_adv is None else
+                 float(adv[i]) + s.gigpo_weight * roll.step_adv[i][j]}
+                for i, member in enumerate(roll.samples) if keep_group[i // G] for j, x in enumerate(member)]
         t_score = time.perf_counter()
         # 3. update: ppo_epochs optimizer steps of the GRPO loss, then the sampler takes the new weights
         lr = scheduler.get_last_lr()[0]
