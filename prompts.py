@@ -18,12 +18,16 @@ def _history_text(history: list[dict]) -> str:
 def agent_messages(instruction: str, history: list[dict], obs: str, admissible: list[str] | None, step: int,
                    env: str, system: str | None = None) -> list[dict]:
     """One agent turn. `history` = the last H {"obs", "action"} pairs (the prompt is rebuilt each step, as in
-    verl-agent, so every step is one prompt + one sampled response). `system` (τ²) replaces the env intro."""
+    verl-agent, so every step is one prompt + one sampled response). `system` (τ²) replaces the env intro.
+    The message's "obs_chars" [start, end) is where `obs` lies in its content (chat templates read only "role" and
+    "content"): common.chat_ids_with_span turns it into the observation's token span (ECHO, train_rwml)."""
     parts = [system or ENV_INTRO.get(env, ENV_INTRO["twx"]), f"Your task is to: {instruction}"]
     if history:
         parts.append(f"Prior to this step, you have already taken {step} step(s). Below are the most recent "
                      f"{len(history)} observations and the corresponding actions you took:\n{_history_text(history)}")
-    parts.append(f"You are now at step {step + 1} and your current observation is: {obs}")
+    parts.append(f"You are now at step {step + 1} and your current observation is: ")
+    obs_start = sum(len(p) + 1 for p in parts) - 1   # the parts are joined by "\n"
+    parts[-1] += obs
     if admissible:
         parts.append("Your admissible actions of the current situation are: [" +
                      ", ".join(repr(a) for a in admissible) + "].")
@@ -31,7 +35,7 @@ def agent_messages(instruction: str, history: list[dict], obs: str, admissible: 
                  "inside <think> </think> tags. Then give exactly one action for this step inside "
                  "<action> </action> tags" + (", chosen from the admissible actions." if admissible else
                                               ACTION_KINDS.get(env, ".")))
-    return [{"role": "user", "content": "\n".join(parts)}]
+    return [{"role": "user", "content": "\n".join(parts), "obs_chars": [obs_start, obs_start + len(obs)]}]
 
 
 def last_block(text: str, tag: str) -> str | None:

@@ -129,6 +129,9 @@ class Settings:
     gigpo_gamma: float = common.flag(0.95, "GiGPO: discount of a step's return over its own and later step rewards "
                                            "(paper: 0.95)")
     gigpo_weight: float = common.flag(1.0, "GiGPO: weight ω of the step advantage (paper: 1)")
+    echo_coef: float = common.flag(0.0, "--task policy: ECHO (arXiv 2605.24517): + coef x the mean NLL of the "
+                                        "observation tokens in the step prompts, in the update's forward (prime-rl's "
+                                        "default 0.1; 0 = off)")
     entropy_coef: float = common.flag(0.0, "entropy bonus (paper: 0 wm; 0.001 policy, configs/*_policy.json)")
     fused_loss: str = common.flag("auto", "compute the loss with the fused Triton kernel (kernels/grpo_loss.py): "
                                   "auto = on CUDA tensors; off = grpo_loss's PyTorch code (what an ablation edits)",
@@ -164,7 +167,8 @@ SAME_ON_RESUME = ("task", "model", "data", "max_prompt_tokens", "env", "split", 
                   "warmup_steps", "weight_decay", "grad_clip", "ppo_epochs", "optim", "precision", "lora_rank",
                   "lora_alpha", "agg", "clip_low", "clip_high", "beta", "kl", "adv_scale", "entropy_coef", "embedder",
                   "embed_instruction", "tau_d", "tau_d_user", "reward_max_tokens", "reward_mode", "judge_model",
-                  "tis_cap", "zero_var_std", "drop_zero_var", "step_advantage", "gigpo_gamma", "gigpo_weight")
+                  "tis_cap", "zero_var_std", "drop_zero_var", "step_advantage", "gigpo_gamma", "gigpo_weight",
+                  "echo_coef")
 LOGP_TOL = 1e-3  # a log-prob above this is a bug (wrong normalisation or gather), not rounding
 
 
@@ -172,12 +176,16 @@ LOGP_TOL = 1e-3  # a log-prob above this is a bug (wrong normalisation or gather
 # The GRPO loss: edit here for an ablation, and run it with --fused-loss off (the Triton kernel fuses this standard
 # objective; tests/test_trainer_math.py holds the two equal, so an edit here alone fails that test, as it should).
 
-def grpo_loss(logp, entropy, mb: dict, s: Settings, n_tok: float, n_seq: float, world: int):
+def grpo_loss(logp, entropy, mb: dict, s: Settings, n_tok: float, n_seq: float, world: int, obs_logp=None,
+              n_obs: float = 0.0):
     """One micro-batch's share of the step's GRPO loss (paper §2.2: verl's GRPO, token-mean, k3 KL to the start).
     logp, entropy [B, T]: the policy's, with gradient; mb: "old" (log-probs before the update), "ref" (the
     reference's; absent when --beta is 0), "isw" (TIS weights; absent without --tis-cap), "adv" [B], "mask" [B, T]
     (the response tokens), "weight" (0 on a rank's padding micro-batch). n_tok, n_seq: response tokens and
-    sequences of the whole step (every micro-batch, every rank). -> (loss, sums of the logged stats)."""
+    sequences of the whole step (every micro-batch, every rank). ECHO (--echo-coef): obs_logp, the policy's
+    log-probs of the prompts' observation tokens from the same forward (model-side layout, 0 elsewhere),
+    mb["obs_count"] the sequences each of those tokens stands for (a shared prompt's: its group's), n_obs the
+    step's observation tokens. -> (loss, sums of the logged stats)."""
     m, adv = mb["mask"], mb["adv"]
     # the aggregation as each sequence's token weight over the GLOBAL batch: accumulation and world size change nothing
     if s.agg == "token-mean":              # DAPO, the paper's: every token of the step weighs the same
@@ -212,6 +220,10 @@ def grpo_loss(logp, entropy, mb: dict, s: Settings, n_tok: float, n_seq: float, 
         sums["kl_sum"] = (kl.detach() * m).sum()
     if s.entropy_coef > 0:
         loss = loss - s.entropy_coef * (entropy * w).sum()
+    if obs_logp is not None:   # ECHO: token cross-entropy on what the env returned, a mean over the step's tokens
+        nll = -(obs_logp * mb["obs_count"]).sum()
+        loss = loss + s.echo_coef * nll * (mb["weight"] * world / n_obs)
+        sums["echo_nll_sum"] = nll.detach()
     return loss, sums
 
 
@@ -306,7 +318,7 @@ def policy_rollouts(sampler, tokenizer, suite, idx: list[int], first: int, step:
     import rewards
     t0 = time.perf_counter()
     act = rollout.model_actor(sampler, tokenizer, s.temperature, s.max_new_tokens, s.top_p,
-                              generator_for(d.device, s.seed, step, first))
+                              generator_for(d.device, s.seed, step, first), obs_spans=s.echo_coef > 0)
     episodes = rollout.run_episodes(act, suite, [(suite.task_ids[i], g) for i in idx for g in range(s.group_size)],
                                     env=s.env, split=s.split, model=s.model, max_env_steps=s.max_env_steps,
                                     history=s.history, n_workers=s.env_workers, batch_size=len(idx) * s.group_size)
@@ -519,6 +531,13 @@ def micro_batches(seqs: list[dict], s: Settings, d: common.Dist, pad_id: int) ->
         sampler_lp = torch.zeros(mask.shape, dtype=torch.float32)
         for b, (q, a) in enumerate(zip(flat, starts)):
             sampler_lp[b, a:a + len(q["response_ids"])] = torch.tensor(q["logprobs"])
+        if s.echo_coef > 0:   # ECHO: the observation tokens in the model-side rows (a shared prompt once)
+            mb["obs_count"] = torch.zeros(ids.shape, dtype=torch.float32)
+            for row, u in enumerate(part if s.share_prompt else [[q] for q in flat]):
+                a, b = u[0]["obs_span"]
+                mb["obs_count"][row, a:b] = len(u)
+            mb["obs_count"] = mb["obs_count"].to(d.device)
+            mb["obs"] = mb["obs_count"] > 0
         w = float(k < len(groups))
         real = sum(set_width(u, s.share_prompt) for u in part)
         mb.update(rollout=sampler_lp.to(d.device), weight=w, computed=ids.numel() * w, real=real * w,
@@ -527,30 +546,39 @@ def micro_batches(seqs: list[dict], s: Settings, d: common.Dist, pad_id: int) ->
     return out
 
 
-def micro_batch_logprobs(model_logprobs, mb: dict, temperature: float, with_entropy: bool = False):
-    """-> (logp, entropy or None) of a common.TokenLogprobs model in the micro-batch's loss layout ([sequences,
-    tokens], 0 off mb["mask"])."""
-    if "index" not in mb:
-        return model_logprobs(mb["ids"], mb["attn"], mb["mask"], temperature, with_entropy=with_entropy)
-    impl = model_logprobs.lm.config._attn_implementation
-    if impl != "sdpa":   # eager adds its mask as floats, flash-attn takes none: the bool tree mask is SDPA's
-        raise ValueError(f"--share-prompt needs sdpa attention for its tree mask; the model uses {impl}")
-    logp, ent = model_logprobs(mb["ids"], mb["attn"], mb["logp_mask"], temperature, with_entropy=with_entropy,
-                               position_ids=mb["pos"])
+def micro_batch_logprobs(model_logprobs, mb: dict, temperature: float, with_entropy: bool = False,
+                         observations: bool = False):
+    """-> (logp, entropy or None, obs_logp or None) of a common.TokenLogprobs model: logp and entropy in the
+    micro-batch's loss layout ([sequences, tokens], 0 off mb["mask"]); with observations (ECHO), from the same
+    forward, the log-probs of the prompts' observation tokens in the model-side layout (0 off mb["obs"])."""
+    shared = "index" in mb
+    score = mb["logp_mask"] if shared else mb["mask"]
+    if shared and model_logprobs.lm.config._attn_implementation != "sdpa":
+        # eager adds its mask as floats, flash-attn takes none: the bool tree mask is SDPA's
+        raise ValueError(f"--share-prompt needs sdpa attention for its tree mask; the model uses "
+                         f"{model_logprobs.lm.config._attn_implementation}")
+    logp, ent = model_logprobs(mb["ids"], mb["attn"], score | mb["obs"] if observations else score, temperature,
+                               with_entropy=with_entropy, **({"position_ids": mb["pos"]} if shared else {}))
+    obs_logp = torch.where(mb["obs"], logp, 0.0) if observations else None
 
-    def per_sequence(x):
-        return torch.where(mb["mask"], x.flatten()[mb["index"]], 0.0)
-    return per_sequence(logp), per_sequence(ent) if ent is not None else None
+    def response(x):
+        if shared:
+            return torch.where(mb["mask"], x.flatten()[mb["index"]], 0.0)
+        return torch.where(mb["mask"], x, 0.0) if observations else x
+    return response(logp), response(ent) if ent is not None else None, obs_logp
 
 
-PAD_SEQ = {"prompt_ids": [0], "response_ids": [0], "logprobs": [0.0], "adv": 0.0}  # a rank with nothing to train
+# a rank with nothing to train
+PAD_SEQ = {"prompt_ids": [0], "response_ids": [0], "logprobs": [0.0], "adv": 0.0, "obs_span": (0, 0)}
 
 
 def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, optimizer, scheduler, s: Settings,
                 d: common.Dist, pad_id: int) -> dict:
     """ppo_epochs optimizer steps on seqs (this rank's share). Returns global stats; "nonfinite" = skipped."""
     batches = micro_batches(seqs, s, d, pad_id)
-    n_tok, n_seq = all_sum(d, sum(len(q["response_ids"]) for q in seqs), len(seqs))
+    n_tok, n_seq, n_obs = all_sum(d, sum(len(q["response_ids"]) for q in seqs), len(seqs),
+                                  sum(q["obs_span"][1] - q["obs_span"][0] for q in seqs if s.echo_coef > 0))
+    echo = n_obs > 0   # ECHO's term: --echo-coef > 0 and observation tokens in the step
     if n_tok == 0:  # every group dropped on every rank
         return {"skipped": "empty batch"}
     sums = Counter()   # token-weighted stats of this rank
@@ -560,8 +588,8 @@ def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, o
         loss_total = 0.0
         for mb in batches:
             mask = mb["mask"]
-            logp, ent = micro_batch_logprobs(policy_logprobs, mb, s.temperature,
-                                             with_entropy=epoch == 0 or s.entropy_coef > 0)
+            logp, ent, obs_logp = micro_batch_logprobs(policy_logprobs, mb, s.temperature,
+                                                       with_entropy=epoch == 0 or s.entropy_coef > 0, observations=echo)
             if epoch == 0:
                 mb["old"] = logp.detach()
                 if reference_logprobs is not None:
@@ -581,7 +609,7 @@ def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, o
                     mb["isw"] = diagnostics.tis_weights(mb["old"], mb["rollout"], mask, s.tis_cap)
                     sums["tis_weight"] += float(mb["isw"][mask].sum()) * w
                     sums["tis_capped"] += float((mb["isw"][mask] >= s.tis_cap).sum()) * w
-            loss, mb_sums = grpo_loss(logp, ent, mb, s, n_tok, n_seq, d.world)
+            loss, mb_sums = grpo_loss(logp, ent, mb, s, n_tok, n_seq, d.world, obs_logp, n_obs)
             loss.backward()
             loss_total += loss.item() / d.world
             for k, v in mb_sums.items():
@@ -596,7 +624,8 @@ def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, o
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    keys = ("agree", "entropy", "tis_weight", "tis_capped", "kl_sum", "clipped_low", "clipped_high", "ratio_sum")
+    keys = ("agree", "entropy", "tis_weight", "tis_capped", "kl_sum", "clipped_low", "clipped_high", "ratio_sum",
+            "echo_nll_sum")
     totals = dict(zip(keys, all_sum(d, *(sums[k] for k in keys))))
     (agree_max,) = all_max(d, agree_max)
     n_updates = epochs_run * n_tok
@@ -609,6 +638,8 @@ def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, o
              "ratio_mean": totals["ratio_sum"] / n_updates}
     if reference_logprobs is not None:
         stats["kl"] = totals["kl_sum"] / n_updates
+    if echo:   # the mean over the epochs' forwards (the first one's alone with --ppo-epochs 1)
+        stats["echo_nll"] = totals["echo_nll_sum"] / (epochs_run * n_obs)
     if s.tis_cap > 0:
         stats["tis_weight_mean"] = totals["tis_weight"] / n_tok
         stats["tis_capped_frac"] = totals["tis_capped"] / n_tok
@@ -634,6 +665,8 @@ def check_settings(s: Settings, d: common.Dist) -> None:
         raise SystemExit("--temperature must be > 0 for training (the trainer scores the sampled distribution)")
     if s.step_advantage != "none" and s.task != "policy":
         raise SystemExit(f"--step-advantage {s.step_advantage} is for --task policy (its steps and their states)")
+    if s.echo_coef and s.task != "policy":
+        raise SystemExit(f"--echo-coef {s.echo_coef} is for --task policy (the observations in the agent prompts)")
     if s.tis_cap and s.tis_cap < 1:
         raise SystemExit(f"--tis-cap {s.tis_cap}: the cap must be >= 1 (or 0 = off)")
 
@@ -729,7 +762,8 @@ def main(argv: list[str] | None = None) -> Path:
         keep_group = ~zero_var if s.drop_zero_var else torch.ones_like(zero_var)   # DAPO's dynamic sampling
         seqs = [{"prompt_ids": x.prompt_ids, "response_ids": x.response_ids, "logprobs": x.logprobs,
                  "adv": float(adv[i]) if roll.step_adv is None else
-                 float(adv[i]) + s.gigpo_weight * roll.step_adv[i][j]}
+                 float(adv[i]) + s.gigpo_weight * roll.step_adv[i][j],
+                **({"obs_span": x.obs_span} if s.echo_coef > 0 else {})}
                 for i, member in enumerate(roll.samples) if keep_group[i // G] for j, x in enumerate(member)]
         t_score = time.perf_counter()
         # 3. update: ppo_epochs optimizer steps of the GRPO loss, then the sampler takes the new weights
