@@ -160,7 +160,8 @@ def test_echo_in_policy_training_marks_the_observation_tokens(tmp_path, monkeypa
     assert len(steps) == len(trained[0])
     for st, q in zip(steps, trained[0]):
         a, b = q["obs_span"]
-        assert q["prompt_ids"] == st["sample"].prompt_ids and tok.decode(q["prompt_ids"][a:b]).strip() == st["obs"].strip()
+        assert q["prompt_ids"] == st["sample"].prompt_ids
+        assert tok.decode(q["prompt_ids"][a:b]).strip() == st["obs"].strip()
     row = metrics(tmp_path / "echo")[0]
     assert 5.0 < row["echo_nll"] < 20.0    # the random tiny model: about log(49152) = 10.8 per token
     assert "echo_nll" not in metrics(tmp_path / "off")[0] and "obs_span" not in trained[1][0]
