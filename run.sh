@@ -92,6 +92,14 @@ for arm in policy wm_sft_policy rwml_policy; do
   stage "$arm" "$OUT/$arm" $LAUNCH train_rwml.py --task policy --model "${FROM[$arm]}" --out-dir "$OUT/$arm" \
     $POLICY $(resume_flag "$OUT/$arm")
 done
+# Policy objectives beyond GRPO (new here, not in the paper; README "Policy objectives beyond GRPO"): GiGPO's step
+# advantages from the start model and from RWML, ECHO's observation cross-entropy from the start model
+declare -A OBJ_FROM=([gigpo]="$START" [rwml_gigpo]="$R" [echo]="$START")
+declare -A OBJ_FLAGS=([gigpo]="--step-advantage gigpo" [rwml_gigpo]="--step-advantage gigpo" [echo]="--echo-coef 0.1")
+for arm in gigpo rwml_gigpo echo; do
+  stage "$arm" "$OUT/$arm" $LAUNCH train_rwml.py --task policy --model "${OBJ_FROM[$arm]}" --out-dir "$OUT/$arm" \
+    $POLICY ${OBJ_FLAGS[$arm]} $(resume_flag "$OUT/$arm")
+done
 
 # Evaluation, one process per group of arms (each model and the reward embedder load once): world-model accuracy
 # on held-out triples for the world-model arms (with the prompt each was trained on), agent success for every arm,
@@ -103,7 +111,9 @@ stage eval_wm_sft "$OUT/eval_wm_sft" python evaluate.py --what arms --arms "wm_s
   --evals $EVALS --triples "$WM_TRIPLES" --wm-prompt "$SFT_WM_PROMPT" --out-dir "$E" $EVAL
 stage eval_policy "$OUT/eval_policy" python evaluate.py --what arms --base "$START" --evals agent,weights,forgetting \
   --arms "policy=$OUT/policy,wm_sft_policy=$OUT/wm_sft_policy,rwml_policy=$OUT/rwml_policy" --out-dir "$E" $EVAL
-python evaluate.py --what report --runs "base=$E/base,wm_sft=$E/wm_sft,rwml=$E/rwml,policy=$E/policy,wm_sft_policy=$E/wm_sft_policy,rwml_policy=$E/rwml_policy" \
-  --curves "rwml=$R,policy=$OUT/policy,wm_sft_policy=$OUT/wm_sft_policy,rwml_policy=$OUT/rwml_policy" \
+stage eval_objectives "$OUT/eval_objectives" python evaluate.py --what arms --base "$START" \
+  --evals agent,weights,forgetting --arms "gigpo=$OUT/gigpo,rwml_gigpo=$OUT/rwml_gigpo,echo=$OUT/echo" --out-dir "$E" $EVAL
+python evaluate.py --what report --runs "base=$E/base,wm_sft=$E/wm_sft,rwml=$E/rwml,policy=$E/policy,wm_sft_policy=$E/wm_sft_policy,rwml_policy=$E/rwml_policy,gigpo=$E/gigpo,rwml_gigpo=$E/rwml_gigpo,echo=$E/echo" \
+  --curves "rwml=$R,policy=$OUT/policy,wm_sft_policy=$OUT/wm_sft_policy,rwml_policy=$OUT/rwml_policy,gigpo=$OUT/gigpo,rwml_gigpo=$OUT/rwml_gigpo,echo=$OUT/echo" \
   --stages "$OUT" --out-dir "$OUT/report"
 echo "report: $OUT/report/report.md"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ARMS = ("base", "wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy")
+ARMS = ("base", "wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy", "gigpo", "rwml_gigpo", "echo")
 STAGES = ("collect", "heldout", "format", "filter", "wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy",
-          "eval_wm", "eval_wm_sft", "eval_policy")
+          "gigpo", "rwml_gigpo", "echo", "eval_wm", "eval_wm_sft", "eval_policy", "eval_objectives")
 
 
 @pytest.mark.slow
@@ -29,10 +29,15 @@ def test_quick_pipeline_writes_every_artifact_and_resumes(tmp_path):
         assert (out / path).exists(), path
     # the cold start (the filter model) is where every arm starts; policy RL also starts from WM SFT and RWML
     config = {name: json.loads((out / name / "config.json").read_text())
-              for name in ("wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy")}
+              for name in ("wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy", "gigpo", "rwml_gigpo", "echo")}
     assert config["wm_sft"]["model"] == config["rwml"]["model"] == config["policy"]["model"] == str(out / "filter")
     assert config["rwml_policy"]["model"] == str(out / "rwml")
     assert config["wm_sft_policy"]["model"] == str(out / "wm_sft")
+    # the policy-objective arms: GiGPO from the start and from RWML, ECHO from the start
+    assert config["gigpo"]["model"] == config["echo"]["model"] == str(out / "filter")
+    assert config["rwml_gigpo"]["model"] == str(out / "rwml")
+    assert config["gigpo"]["step_advantage"] == config["rwml_gigpo"]["step_advantage"] == "gigpo"
+    assert config["echo"]["echo_coef"] == 0.1 and config["policy"]["step_advantage"] == "none"
     # held-out world-model triples come from games of another split than the training ones
     train_tasks = {json.loads(line)["task_id"] for line in (out / "collect/triples.jsonl").open()}
     held_tasks = {json.loads(line)["task_id"] for line in (out / "heldout/triples.jsonl").open()}
