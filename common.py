@@ -170,6 +170,21 @@ def template_renders_tools(tokenizer) -> bool:
     return "rwml_probe_tool" in text
 
 
+def chat_ids_with_span(tokenizer, messages: list[dict]) -> tuple[list[int], tuple[int, int]]:
+    """chat_ids and the token span [start, end) of the last message's "obs_chars" (prompts.agent_messages marks
+    its observation so): the tokens holding any of those characters, found through the tokenizer's offsets into
+    the templated text (the ids are chat_ids' own; the first token may carry the space before the observation)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    content, (lo, hi) = messages[-1]["content"], messages[-1]["obs_chars"]
+    at = text.rfind(content)
+    if at < 0:
+        raise ValueError("chat_ids_with_span: the chat template changed the message's text, the observation's "
+                         "characters cannot be located in the prompt")
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    inside = [k for k, (a, b) in enumerate(enc["offset_mapping"]) if b > at + lo and a < at + hi]
+    return enc["input_ids"], (inside[0], inside[-1] + 1) if inside else (0, 0)
+
+
 def eos_ids(model, tokenizer) -> set[int]:
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
@@ -186,6 +201,7 @@ class Sample:
     text: str                    # decoded response, special tokens removed
     logprobs: list[float]        # sampler's log-prob of each response token (after temperature / top-p)
     finished: bool               # stopped at EOS; False = cut at max_new_tokens
+    obs_span: tuple[int, int] | None = None   # the observation's prompt tokens [start, end) (rollout.model_actor)
 
 
 def _sampling_logprobs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

@@ -91,6 +91,8 @@ def rollout_metrics(every: dict, group_size: int, drop_zero_var: bool, env: str 
     else:
         row.update(success_rate=float(np.mean(every["won"])), invalid_rate=1.0 - float(np.mean(every["valid"])),
                    episode_len=float(np.mean(every["ep_len"])))
+    if "anchored" in every:   # GiGPO: the share of steps whose anchor group has others (a step advantage != 0)
+        row["gigpo_anchored_frac"] = float(np.mean(every["anchored"])) if every["anchored"] else 0.0
     return row
 
 

@@ -20,19 +20,23 @@ def agent_messages(instruction: str, history: list[dict], obs: str, admissible: 
                    env: str) -> list[dict]:
     """One text-game agent turn. `history` = the last H {"obs", "action"} pairs (the prompt is rebuilt each step,
     as in verl-agent, so every step is one prompt + one sampled response). τ² agents see τ²'s own prompt instead
-    (the env's info["messages"], with its tools through the chat template: common.chat_ids)."""
+    (the env's info["messages"], with its tools through the chat template: common.chat_ids).
+    The message's "obs_chars" [start, end) is where `obs` lies in its content (chat templates read only "role" and
+    "content"): common.chat_ids_with_span turns it into the observation's token span (ECHO, train_rwml)."""
     parts = [ENV_INTRO.get(env, ENV_INTRO["twx"]), f"Your task is to: {instruction}"]
     if history:
         parts.append(f"Prior to this step, you have already taken {step} step(s). Below are the most recent "
                      f"{len(history)} observations and the corresponding actions you took:\n{_history_text(history)}")
-    parts.append(f"You are now at step {step + 1} and your current observation is: {obs}")
+    parts.append(f"You are now at step {step + 1} and your current observation is: ")
+    obs_start = sum(len(p) + 1 for p in parts) - 1   # the parts are joined by "\n"
+    parts[-1] += obs
     if admissible:
         parts.append("Your admissible actions of the current situation are: [" +
                      ", ".join(repr(a) for a in admissible) + "].")
     parts.append("Now it's your turn to take an action. First reason step by step about the current situation "
                  "inside <think> </think> tags. Then give exactly one action for this step inside "
                  "<action> </action> tags" + (", chosen from the admissible actions." if admissible else "."))
-    return [{"role": "user", "content": "\n".join(parts)}]
+    return [{"role": "user", "content": "\n".join(parts), "obs_chars": [obs_start, obs_start + len(obs)]}]
 
 
 def last_block(text: str, tag: str) -> str | None:

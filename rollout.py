@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable
 
-from common import Sample, chat_fn, chat_ids, generate, load_model
+from common import Sample, chat_fn, chat_ids, chat_ids_with_span, generate, load_model
 from envs.base import EnvPool, make_env
 from prompts import agent_messages, format_reply, parse_action, parse_tool_reply
 
@@ -58,13 +58,18 @@ def recent(steps: list[dict], t: int, history: int) -> list[dict]:
 
 
 def model_actor(model, tokenizer, temperature: float, max_new_tokens: int, top_p: float = 1.0,
-                generator=None) -> Act:
+                generator=None, obs_spans: bool = False) -> Act:
     """act(messages_list, infos) -> one Sample per prompt, all from one batched generate call. An info's "tools"
-    (τ²'s tool schemas) go to the chat template with its messages."""
+    (τ²'s tool schemas) go to the chat template with its messages. obs_spans (text games): each Sample also carries
+    the token span of the observation in its prompt (common.chat_ids_with_span)."""
     def act(messages_list: list[list[dict]], infos: list[dict]) -> list[Sample]:
-        prompts = [chat_ids(tokenizer, m, info.get("tools")) for m, info in zip(messages_list, infos)]
-        return generate(model, tokenizer, prompts, max_new_tokens, temperature, top_p,
-                        batch_size=max(1, len(prompts)), generator=generator)
+        prompts = [chat_ids_with_span(tokenizer, m) if obs_spans else (chat_ids(tokenizer, m, info.get("tools")), None)
+                   for m, info in zip(messages_list, infos)]
+        samples = generate(model, tokenizer, [ids for ids, _ in prompts], max_new_tokens, temperature, top_p,
+                           batch_size=max(1, len(prompts)), generator=generator)
+        for sample, (_, span) in zip(samples, prompts):
+            sample.obs_span = span
+        return samples
     return act
 
 

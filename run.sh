@@ -121,6 +121,16 @@ for arm in policy wm_sft_policy rwml_policy; do
   stage "$arm" "$OUT/$arm" $LAUNCH train_rwml.py --task policy --model "${FROM[$arm]}" --out-dir "$OUT/$arm" \
     $POLICY $(resume_flag "$OUT/$arm")
 done
+# Policy objectives beyond GRPO (new here, not in the paper; README "Policy objectives beyond GRPO"): GiGPO's step
+# advantages from the start model and from RWML, ECHO's observation cross-entropy from the start model
+declare -A OBJ_FROM=([gigpo]="$START" [rwml_gigpo]="$R" [echo]="$START")
+declare -A OBJ_FLAGS=([gigpo]="--step-advantage gigpo" [rwml_gigpo]="--step-advantage gigpo" [echo]="--echo-coef 0.1")
+OBJ_ARMS="gigpo rwml_gigpo echo"
+[ "$ENV" = tau2 ] && OBJ_ARMS="gigpo rwml_gigpo"   # ECHO marks observations in the text-game prompt, not in τ²'s
+for arm in $OBJ_ARMS; do
+  stage "$arm" "$OUT/$arm" $LAUNCH train_rwml.py --task policy --model "${OBJ_FROM[$arm]}" --out-dir "$OUT/$arm" \
+    $POLICY ${OBJ_FLAGS[$arm]} $(resume_flag "$OUT/$arm")
+done
 
 # Early Experience's baselines, each from the start model: imitation learning on the expert's steps; IWM = WM SFT
 # on the alternatives' next states, then imitation learning; SR = rationales + expert action mixed with imitation
@@ -146,7 +156,10 @@ stage eval_policy "$OUT/eval_policy" python evaluate.py --what arms --base "$STA
   --arms "policy=$OUT/policy,wm_sft_policy=$OUT/wm_sft_policy,rwml_policy=$OUT/rwml_policy" --out-dir "$E" $EVAL
 stage eval_ee "$OUT/eval_ee" python evaluate.py --what arms --base "$START" --evals agent,weights,forgetting \
   --arms "il=$OUT/il,iwm=$OUT/iwm,sr=$OUT/sr" --out-dir "$E" $EVAL
-python evaluate.py --what report --runs "base=$E/base,wm_sft=$E/wm_sft,rwml=$E/rwml,policy=$E/policy,wm_sft_policy=$E/wm_sft_policy,rwml_policy=$E/rwml_policy,il=$E/il,iwm=$E/iwm,sr=$E/sr" \
-  --curves "rwml=$R,policy=$OUT/policy,wm_sft_policy=$OUT/wm_sft_policy,rwml_policy=$OUT/rwml_policy" \
+OBJ_RUNS=$(for a in $OBJ_ARMS; do printf '%s=%s,' "$a" "$OUT/$a"; done); OBJ_RUNS=${OBJ_RUNS%,}
+stage eval_objectives "$OUT/eval_objectives" python evaluate.py --what arms --base "$START" \
+  --evals agent,weights,forgetting --arms "$OBJ_RUNS" --out-dir "$E" $EVAL
+python evaluate.py --what report --runs "base=$E/base,wm_sft=$E/wm_sft,rwml=$E/rwml,policy=$E/policy,wm_sft_policy=$E/wm_sft_policy,rwml_policy=$E/rwml_policy,il=$E/il,iwm=$E/iwm,sr=$E/sr,${OBJ_RUNS//$OUT\//$E/}" \
+  --curves "rwml=$R,policy=$OUT/policy,wm_sft_policy=$OUT/wm_sft_policy,rwml_policy=$OUT/rwml_policy,$OBJ_RUNS" \
   --stages "$OUT" --out-dir "$OUT/report"
 echo "report: $OUT/report/report.md"

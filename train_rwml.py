@@ -51,6 +51,7 @@ import prompts
 import rollout
 from kernels import group_advantages
 from kernels import grpo_loss as fused_grpo_loss
+from kernels.advantages import group_advantages_reference
 
 
 @dataclass
@@ -123,6 +124,16 @@ class Settings:
                    "k1 = log-ratio, whose expected gradient is zero (E_pi[grad log pi] = 0): k1 acts as --beta 0 plus "
                    "noise and only its logged kl means anything", ["k1", "k2", "k3"])
     adv_scale: str = common.flag("std", "advantage = (r - group mean) / group std, or r - group mean", ["std", "none"])
+    step_advantage: str = common.flag("none", "--task policy: gigpo = GiGPO's step-level advantage (arXiv 2505.10978): "
+                                      "steps of a group's episodes that saw the same observation form an anchor "
+                                      "group; each step adds --gigpo-weight x its return's anchor-group advantage",
+                                      ["none", "gigpo"])
+    gigpo_gamma: float = common.flag(0.95, "GiGPO: discount of a step's return over its own and later step rewards "
+                                           "(paper: 0.95)")
+    gigpo_weight: float = common.flag(1.0, "GiGPO: weight ω of the step advantage (paper: 1)")
+    echo_coef: float = common.flag(0.0, "--task policy: ECHO (arXiv 2605.24517): + coef x the mean NLL of the "
+                                        "observation tokens in the step prompts, in the update's forward (prime-rl's "
+                                        "default 0.1; 0 = off)")
     entropy_coef: float = common.flag(0.0, "entropy bonus (paper: 0 wm; 0.001 policy, configs/*_policy.json)")
     fused_loss: str = common.flag("auto", "compute the loss with the fused Triton kernel (kernels/grpo_loss.py): "
                                   "auto = on CUDA tensors; off = grpo_loss's PyTorch code (what an ablation edits)",
@@ -158,7 +169,8 @@ SAME_ON_RESUME = ("task", "model", "data", "max_prompt_tokens", "env", "split", 
                   "warmup_steps", "weight_decay", "grad_clip", "ppo_epochs", "optim", "precision", "lora_rank",
                   "lora_alpha", "agg", "clip_low", "clip_high", "beta", "kl", "adv_scale", "entropy_coef", "embedder",
                   "embed_instruction", "tau_d", "tau_d_user", "reward_max_tokens", "reward_mode", "judge_model",
-                  "tis_cap", "zero_var_std", "drop_zero_var")
+                  "tis_cap", "zero_var_std", "drop_zero_var", "step_advantage", "gigpo_gamma", "gigpo_weight",
+                  "echo_coef")
 LOGP_TOL = 1e-3  # a log-prob above this is a bug (wrong normalisation or gather), not rounding
 
 
@@ -166,12 +178,16 @@ LOGP_TOL = 1e-3  # a log-prob above this is a bug (wrong normalisation or gather
 # The GRPO loss: edit here for an ablation, and run it with --fused-loss off (the Triton kernel fuses this standard
 # objective; tests/test_trainer_math.py holds the two equal, so an edit here alone fails that test, as it should).
 
-def grpo_loss(logp, entropy, mb: dict, s: Settings, n_tok: float, n_seq: float, world: int):
+def grpo_loss(logp, entropy, mb: dict, s: Settings, n_tok: float, n_seq: float, world: int, obs_logp=None,
+              n_obs: float = 0.0):
     """One micro-batch's share of the step's GRPO loss (paper §2.2: verl's GRPO, token-mean, k3 KL to the start).
     logp, entropy [B, T]: the policy's, with gradient; mb: "old" (log-probs before the update), "ref" (the
     reference's; absent when --beta is 0), "isw" (TIS weights; absent without --tis-cap), "adv" [B], "mask" [B, T]
     (the response tokens), "weight" (0 on a rank's padding micro-batch). n_tok, n_seq: response tokens and
-    sequences of the whole step (every micro-batch, every rank). -> (loss, sums of the logged stats)."""
+    sequences of the whole step (every micro-batch, every rank). ECHO (--echo-coef): obs_logp, the policy's
+    log-probs of the prompts' observation tokens from the same forward (model-side layout, 0 elsewhere),
+    mb["obs_count"] the sequences each of those tokens stands for (a shared prompt's: its group's), n_obs the
+    step's observation tokens. -> (loss, sums of the logged stats)."""
     m, adv = mb["mask"], mb["adv"]
     # the aggregation as each sequence's token weight over the GLOBAL batch: accumulation and world size change nothing
     if s.agg == "token-mean":              # DAPO, the paper's: every token of the step weighs the same
@@ -206,6 +222,10 @@ def grpo_loss(logp, entropy, mb: dict, s: Settings, n_tok: float, n_seq: float, 
         sums["kl_sum"] = (kl.detach() * m).sum()
     if s.entropy_coef > 0:
         loss = loss - s.entropy_coef * (entropy * w).sum()
+    if obs_logp is not None:   # ECHO: token cross-entropy on what the env returned, a mean over the step's tokens
+        nll = -(obs_logp * mb["obs_count"]).sum()
+        loss = loss + s.echo_coef * nll * (mb["weight"] * world / n_obs)
+        sums["echo_nll_sum"] = nll.detach()
     return loss, sums
 
 
@@ -266,6 +286,7 @@ class Rollouts:
     rewards: torch.Tensor                # [members] the group reward of each member
     logs: dict[str, list]                # the task's lists for diagnostics.rollout_metrics (gathered over ranks)
     generate_s: float                    # seconds spent generating (the rest of the call is the reward)
+    step_adv: list[list[float]] | None = None   # per member, per sample: GiGPO's step advantage (None = off)
 
 
 def make_reward(s: Settings):
@@ -299,16 +320,53 @@ def policy_rollouts(sampler, tokenizer, suite, idx: list[int], first: int, step:
     import rewards
     t0 = time.perf_counter()
     act = rollout.model_actor(sampler, tokenizer, s.temperature, s.max_new_tokens, s.top_p,
-                              generator_for(d.device, s.seed, step, first))
+                              generator_for(d.device, s.seed, step, first), obs_spans=s.echo_coef > 0)
     episodes = rollout.run_episodes(act, suite, [(suite.task_ids[i], g) for i in idx for g in range(s.group_size)],
                                     env=s.env, split=s.split, model=s.model, max_env_steps=s.max_env_steps,
                                     history=s.history, n_workers=s.env_workers, batch_size=len(idx) * s.group_size)
     generate_s = time.perf_counter() - t0
-    returns = torch.tensor([sum(rewards.policy_step_rewards(ep["steps"], ep["success"], s.win_reward, s.step_penalty,
-                                                            s.penalize, s.env)) for ep in episodes])
+    step_rewards = [rewards.policy_step_rewards(ep["steps"], ep["success"], s.win_reward, s.step_penalty, s.penalize,
+                                                s.env) for ep in episodes]
+    returns = torch.tensor([sum(r) for r in step_rewards])
     logs = {"won": [ep["success"] for ep in episodes], "valid": [st["valid"] for ep in episodes for st in ep["steps"]],
             "ep_len": [ep["n_steps"] for ep in episodes]}
-    return Rollouts([[st["sample"] for st in ep["steps"]] for ep in episodes], returns, logs, generate_s)
+    step_adv = None
+    if s.step_advantage == "gigpo":
+        step_adv, anchored = gigpo_step_advantages([[st["obs"] for st in ep["steps"]] for ep in episodes],
+                                                   step_rewards, s.group_size, s.gigpo_gamma, s.adv_scale)
+        logs["anchored"] = [a for ep in anchored for a in ep]
+    return Rollouts([[st["sample"] for st in ep["steps"]] for ep in episodes], returns, logs, generate_s, step_adv)
+
+
+def gigpo_step_advantages(states: list[list[str]], step_rewards: list[list[float]], group_size: int, gamma: float,
+                          scale: str) -> tuple[list[list[float]], list[list[bool]]]:
+    """GiGPO's step-level advantage (arXiv 2505.10978 §4.2): within a group of G episodes of one task (members
+    consecutive), the steps whose state (the observation the agent saw, exact text) is the same form an anchor
+    group; a step's return is sum_k gamma^k r_{t+k} over its own and later step rewards, and its step advantage is
+    the return's group advantage inside its anchor group (kernels.group_advantages' formula: (R - mean) / std or
+    R - mean, per --adv-scale). A step alone in its anchor group has nothing to compare with: 0.
+    -> (step advantages, in an anchor group of >= 2), both per episode, per step."""
+    returns = []
+    for rs in step_rewards:
+        acc, back = 0.0, []
+        for r in reversed(rs):
+            acc = r + gamma * acc
+            back.append(acc)
+        returns.append(back[::-1])
+    adv = [[0.0] * len(r) for r in returns]
+    anchored = [[False] * len(r) for r in returns]
+    for g0 in range(0, len(states), group_size):
+        anchors: dict[str, list[tuple[int, int]]] = {}
+        for i in range(g0, g0 + group_size):
+            for t, state in enumerate(states[i]):
+                anchors.setdefault(state, []).append((i, t))
+        for steps in anchors.values():
+            if len(steps) < 2:
+                continue
+            r = torch.tensor([returns[i][t] for i, t in steps], dtype=torch.float64)
+            for (i, t), a in zip(steps, group_advantages_reference(r, len(steps), scale).tolist()):
+                adv[i][t], anchored[i][t] = a, True
+    return adv, anchored
 
 
 def wm_task(s: Settings, d: common.Dist, sampler, tokenizer):
@@ -475,6 +533,13 @@ def micro_batches(seqs: list[dict], s: Settings, d: common.Dist, pad_id: int) ->
         sampler_lp = torch.zeros(mask.shape, dtype=torch.float32)
         for b, (q, a) in enumerate(zip(flat, starts)):
             sampler_lp[b, a:a + len(q["response_ids"])] = torch.tensor(q["logprobs"])
+        if s.echo_coef > 0:   # ECHO: the observation tokens in the model-side rows (a shared prompt once)
+            mb["obs_count"] = torch.zeros(ids.shape, dtype=torch.float32)
+            for row, u in enumerate(part if s.share_prompt else [[q] for q in flat]):
+                a, b = u[0]["obs_span"]
+                mb["obs_count"][row, a:b] = len(u)
+            mb["obs_count"] = mb["obs_count"].to(d.device)
+            mb["obs"] = mb["obs_count"] > 0
         w = float(k < len(groups))
         real = sum(set_width(u, s.share_prompt) for u in part)
         mb.update(rollout=sampler_lp.to(d.device), weight=w, computed=ids.numel() * w, real=real * w,
@@ -483,30 +548,39 @@ def micro_batches(seqs: list[dict], s: Settings, d: common.Dist, pad_id: int) ->
     return out
 
 
-def micro_batch_logprobs(model_logprobs, mb: dict, temperature: float, with_entropy: bool = False):
-    """-> (logp, entropy or None) of a common.TokenLogprobs model in the micro-batch's loss layout ([sequences,
-    tokens], 0 off mb["mask"])."""
-    if "index" not in mb:
-        return model_logprobs(mb["ids"], mb["attn"], mb["mask"], temperature, with_entropy=with_entropy)
-    impl = model_logprobs.lm.config._attn_implementation
-    if impl != "sdpa":   # eager adds its mask as floats, flash-attn takes none: the bool tree mask is SDPA's
-        raise ValueError(f"--share-prompt needs sdpa attention for its tree mask; the model uses {impl}")
-    logp, ent = model_logprobs(mb["ids"], mb["attn"], mb["logp_mask"], temperature, with_entropy=with_entropy,
-                               position_ids=mb["pos"])
+def micro_batch_logprobs(model_logprobs, mb: dict, temperature: float, with_entropy: bool = False,
+                         observations: bool = False):
+    """-> (logp, entropy or None, obs_logp or None) of a common.TokenLogprobs model: logp and entropy in the
+    micro-batch's loss layout ([sequences, tokens], 0 off mb["mask"]); with observations (ECHO), from the same
+    forward, the log-probs of the prompts' observation tokens in the model-side layout (0 off mb["obs"])."""
+    shared = "index" in mb
+    score = mb["logp_mask"] if shared else mb["mask"]
+    if shared and model_logprobs.lm.config._attn_implementation != "sdpa":
+        # eager adds its mask as floats, flash-attn takes none: the bool tree mask is SDPA's
+        raise ValueError(f"--share-prompt needs sdpa attention for its tree mask; the model uses "
+                         f"{model_logprobs.lm.config._attn_implementation}")
+    logp, ent = model_logprobs(mb["ids"], mb["attn"], score | mb["obs"] if observations else score, temperature,
+                               with_entropy=with_entropy, **({"position_ids": mb["pos"]} if shared else {}))
+    obs_logp = torch.where(mb["obs"], logp, 0.0) if observations else None
 
-    def per_sequence(x):
-        return torch.where(mb["mask"], x.flatten()[mb["index"]], 0.0)
-    return per_sequence(logp), per_sequence(ent) if ent is not None else None
+    def response(x):
+        if shared:
+            return torch.where(mb["mask"], x.flatten()[mb["index"]], 0.0)
+        return torch.where(mb["mask"], x, 0.0) if observations else x
+    return response(logp), response(ent) if ent is not None else None, obs_logp
 
 
-PAD_SEQ = {"prompt_ids": [0], "response_ids": [0], "logprobs": [0.0], "adv": 0.0}  # a rank with nothing to train
+# a rank with nothing to train
+PAD_SEQ = {"prompt_ids": [0], "response_ids": [0], "logprobs": [0.0], "adv": 0.0, "obs_span": (0, 0)}
 
 
 def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, optimizer, scheduler, s: Settings,
                 d: common.Dist, pad_id: int) -> dict:
     """ppo_epochs optimizer steps on seqs (this rank's share). Returns global stats; "nonfinite" = skipped."""
     batches = micro_batches(seqs, s, d, pad_id)
-    n_tok, n_seq = all_sum(d, sum(len(q["response_ids"]) for q in seqs), len(seqs))
+    n_tok, n_seq, n_obs = all_sum(d, sum(len(q["response_ids"]) for q in seqs), len(seqs),
+                                  sum(q["obs_span"][1] - q["obs_span"][0] for q in seqs if s.echo_coef > 0))
+    echo = n_obs > 0   # ECHO's term: --echo-coef > 0 and observation tokens in the step
     if n_tok == 0:  # every group dropped on every rank
         return {"skipped": "empty batch"}
     sums = Counter()   # token-weighted stats of this rank
@@ -516,8 +590,8 @@ def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, o
         loss_total = 0.0
         for mb in batches:
             mask = mb["mask"]
-            logp, ent = micro_batch_logprobs(policy_logprobs, mb, s.temperature,
-                                             with_entropy=epoch == 0 or s.entropy_coef > 0)
+            logp, ent, obs_logp = micro_batch_logprobs(policy_logprobs, mb, s.temperature,
+                                                       with_entropy=epoch == 0 or s.entropy_coef > 0, observations=echo)
             if epoch == 0:
                 mb["old"] = logp.detach()
                 if reference_logprobs is not None:
@@ -537,7 +611,7 @@ def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, o
                     mb["isw"] = diagnostics.tis_weights(mb["old"], mb["rollout"], mask, s.tis_cap)
                     sums["tis_weight"] += float(mb["isw"][mask].sum()) * w
                     sums["tis_capped"] += float((mb["isw"][mask] >= s.tis_cap).sum()) * w
-            loss, mb_sums = grpo_loss(logp, ent, mb, s, n_tok, n_seq, d.world)
+            loss, mb_sums = grpo_loss(logp, ent, mb, s, n_tok, n_seq, d.world, obs_logp, n_obs)
             loss.backward()
             loss_total += loss.item() / d.world
             for k, v in mb_sums.items():
@@ -552,7 +626,8 @@ def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, o
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-    keys = ("agree", "entropy", "tis_weight", "tis_capped", "kl_sum", "clipped_low", "clipped_high", "ratio_sum")
+    keys = ("agree", "entropy", "tis_weight", "tis_capped", "kl_sum", "clipped_low", "clipped_high", "ratio_sum",
+            "echo_nll_sum")
     totals = dict(zip(keys, all_sum(d, *(sums[k] for k in keys))))
     (agree_max,) = all_max(d, agree_max)
     n_updates = epochs_run * n_tok
@@ -565,6 +640,8 @@ def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, o
              "ratio_mean": totals["ratio_sum"] / n_updates}
     if reference_logprobs is not None:
         stats["kl"] = totals["kl_sum"] / n_updates
+    if echo:   # the mean over the epochs' forwards (the first one's alone with --ppo-epochs 1)
+        stats["echo_nll"] = totals["echo_nll_sum"] / (epochs_run * n_obs)
     if s.tis_cap > 0:
         stats["tis_weight_mean"] = totals["tis_weight"] / n_tok
         stats["tis_capped_frac"] = totals["tis_capped"] / n_tok
@@ -588,6 +665,13 @@ def check_settings(s: Settings, d: common.Dist) -> None:
         raise SystemExit(f"--gen-chunk {s.gen_chunk} must divide the prompts per rank ({P // d.world})")
     if s.temperature <= 0:
         raise SystemExit("--temperature must be > 0 for training (the trainer scores the sampled distribution)")
+    if s.step_advantage != "none" and s.task != "policy":
+        raise SystemExit(f"--step-advantage {s.step_advantage} is for --task policy (its steps and their states)")
+    if s.echo_coef and s.task != "policy":
+        raise SystemExit(f"--echo-coef {s.echo_coef} is for --task policy (the observations in the agent prompts)")
+    if s.echo_coef and s.env == "tau2":
+        raise SystemExit(f"--echo-coef {s.echo_coef}: ECHO marks the observation in the text-game agent prompt; a τ² "
+                         "agent's prompt is τ²'s own conversation, which carries no such mark")
     if s.tis_cap and s.tis_cap < 1:
         raise SystemExit(f"--tis-cap {s.tis_cap}: the cap must be >= 1 (or 0 = off)")
 
@@ -676,12 +760,16 @@ def main(argv: list[str] | None = None) -> Path:
         # 1. generate and reward: G responses (wm) or G episodes (policy) per item, one reward each
         roll = rollouts(stream(n_items, s.seed, first, P // d.world), first, step)
         t_gen = t0 + roll.generate_s
-        # 2. group advantages: every sample of a member (its response, its episode's steps) carries the member's
+        # 2. group advantages: every sample of a member (its response, its episode's steps) carries the member's;
+        #    GiGPO adds ω x each step's own advantage (gigpo_step_advantages)
         adv = group_advantages(roll.rewards, G, s.adv_scale)
         zero_var = diagnostics.zero_variance_groups(roll.rewards, G, s.zero_var_std)
         keep_group = ~zero_var if s.drop_zero_var else torch.ones_like(zero_var)   # DAPO's dynamic sampling
         seqs = [{"prompt_ids": x.prompt_ids, "response_ids": x.response_ids, "logprobs": x.logprobs,
-                 "adv": float(adv[i])} for i, member in enumerate(roll.samples) if keep_group[i // G] for x in member]
+                 "adv": float(adv[i]) if roll.step_adv is None else
+                 float(adv[i]) + s.gigpo_weight * roll.step_adv[i][j],
+                **({"obs_span": x.obs_span} if s.echo_coef > 0 else {})}
+                for i, member in enumerate(roll.samples) if keep_group[i // G] for j, x in enumerate(member)]
         t_score = time.perf_counter()
         # 3. update: ppo_epochs optimizer steps of the GRPO loss, then the sampler takes the new weights
         lr = scheduler.get_last_lr()[0]

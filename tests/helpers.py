@@ -141,11 +141,21 @@ def make_seqs(lm) -> list[dict]:
     return seqs
 
 
-def reference_update(lm, ref, seqs: list[dict], s: train_rwml.Settings) -> dict[str, torch.Tensor]:
+def observation_nll(lm, seq: dict) -> torch.Tensor:
+    """-log pi(prompt token | prefix) of the prompt tokens seq["obs_span"] marks, from a plain forward."""
+    a, b = seq["obs_span"]
+    ids = torch.tensor(seq["prompt_ids"])
+    logq = torch.log_softmax(lm(input_ids=ids[None]).logits[0, :-1].float(), -1)
+    return -logq.gather(1, ids[1:, None]).squeeze(1)[a - 1:b - 1]
+
+
+def reference_update(lm, ref, seqs: list[dict], s: train_rwml.Settings,
+                     echo_nll: list | None = None) -> dict[str, torch.Tensor]:
     """The GRPO objective written out on the whole batch: per token
         -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) * w  +  beta * (exp(ref - logp) - (ref - logp) - 1)
     with r = pi / pi_old, w = min(pi_old / pi_rollout, tis_cap) (1 without TIS), averaged over all response tokens
-    of the batch; ppo_epochs steps of SGD. -> the parameters after them."""
+    of the batch, + echo_coef x the mean NLL of every sequence's observation tokens (ECHO; each epoch's value is
+    appended to echo_nll); ppo_epochs steps of SGD. -> the parameters after them."""
     lm = copy.deepcopy(lm)
     params = [p for p in lm.parameters() if p.requires_grad]
     with torch.no_grad():
@@ -163,7 +173,13 @@ def reference_update(lm, ref, seqs: list[dict], s: train_rwml.Settings) -> dict[
                 pg = pg * torch.exp(o - torch.tensor(q["logprobs"])).clamp(max=s.tis_cap)
             kl = torch.exp(rl - logp) - (rl - logp) - 1
             loss = loss + (pg + s.beta * kl).sum()
-        grads = torch.autograd.grad(loss / n_tok, params)
+        loss = loss / n_tok
+        if s.echo_coef:
+            nll = torch.cat([observation_nll(lm, q) for q in seqs]).mean()
+            loss = loss + s.echo_coef * nll
+            if echo_nll is not None:
+                echo_nll.append(float(nll))
+        grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.sub_(s.lr * g)

@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ARMS = ("base", "wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy", "il", "iwm", "sr")
+ARMS = ("base", "wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy", "il", "iwm", "sr", "gigpo", "rwml_gigpo",
+        "echo")
 STAGES = ("collect", "heldout", "format", "filter", "wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy",
-          "expert", "il", "iwm_wm", "iwm", "sr", "eval_wm", "eval_wm_sft", "eval_policy", "eval_ee")
+          "gigpo", "rwml_gigpo", "echo", "expert", "il", "iwm_wm", "iwm", "sr", "eval_wm", "eval_wm_sft", "eval_policy",
+          "eval_ee", "eval_objectives")
 
 
 @pytest.mark.slow
@@ -29,7 +31,7 @@ def test_quick_pipeline_writes_every_artifact_and_resumes(tmp_path):
         assert (out / path).exists(), path
     # the cold start (the filter model) is where every arm starts; policy RL also starts from WM SFT and RWML
     config = {name: json.loads((out / name / "config.json").read_text())
-              for name in ("wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy")}
+              for name in ("wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy", "gigpo", "rwml_gigpo", "echo")}
     assert config["wm_sft"]["model"] == config["rwml"]["model"] == config["policy"]["model"] == str(out / "filter")
     assert config["rwml_policy"]["model"] == str(out / "rwml")
     assert config["wm_sft_policy"]["model"] == str(out / "wm_sft")
@@ -39,6 +41,11 @@ def test_quick_pipeline_writes_every_artifact_and_resumes(tmp_path):
     assert ee["iwm"]["model"] == str(out / "iwm_wm")
     assert ee["iwm_wm"]["triples"] == str(out / "expert/triples_alt.jsonl")
     assert ee["sr"]["reflections"] == ee["iwm_wm"]["triples"] and (out / "sr/rationales/rank0.jsonl").exists()
+    # the policy-objective arms: GiGPO from the start and from RWML, ECHO from the start
+    assert config["gigpo"]["model"] == config["echo"]["model"] == str(out / "filter")
+    assert config["rwml_gigpo"]["model"] == str(out / "rwml")
+    assert config["gigpo"]["step_advantage"] == config["rwml_gigpo"]["step_advantage"] == "gigpo"
+    assert config["echo"]["echo_coef"] == 0.1 and config["policy"]["step_advantage"] == "none"
     # held-out world-model triples come from games of another split than the training ones
     train_tasks = {json.loads(line)["task_id"] for line in (out / "collect/triples.jsonl").open()}
     held_tasks = {json.loads(line)["task_id"] for line in (out / "heldout/triples.jsonl").open()}

@@ -78,7 +78,7 @@ def one_update(model: str, seqs: list[dict], share: bool, lora: bool, ckpt: bool
     per_seq = {}
     with torch.no_grad():
         for mb in train_rwml.micro_batches(seqs, s, d, tok.pad_token_id):
-            logp, ent = train_rwml.micro_batch_logprobs(policy_logprobs, mb, s.temperature, with_entropy=True)
+            logp, ent, _ = train_rwml.micro_batch_logprobs(policy_logprobs, mb, s.temperature, with_entropy=True)
             resp = mb["ids"].flatten()[mb["index"]] if share else mb["ids"]
             for b in range(logp.shape[0]):
                 m = mb["mask"][b]
