@@ -105,9 +105,9 @@ def check_settings(s: Settings) -> None:
         bad.append(f"--val-frac must be in [0, 1), got {s.val_frac}")
     if s.policy == "expert" and s.explore > 0:
         bad.append("--explore with --policy expert would mix random actions into the expert data")
-    if s.alternatives and s.alternative_source == "random" and s.env == "tau2":
-        bad.append("--alternative-source random needs admissible actions, which τ² has not: use "
-                   "--alternative-source model")
+    if s.alternatives and s.env == "tau2":
+        bad.append("--alternatives on τ²: random alternatives need admissible actions, which τ² has not, and model "
+                   "ones need the agent's prompt at each state, τ²'s live conversation, which episodes do not keep")
     if bad:
         raise SystemExit("; ".join(bad))
 

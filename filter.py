@@ -233,7 +233,7 @@ def reflection_examples(s: Settings, d: common.Dist, tokenizer, out_dir: Path,
         if thought:
             meta = t["meta"]
             pairs.append((prompts.agent_messages(t["instruction"], t["history"], t["state"], meta.get("admissible"),
-                                                 meta["t"], t["env"], system=meta.get("system_prompt")),
+                                                 meta["t"], t["env"]),
                           prompts.format_reply(x["expert_action"], thought)))
     log.log({"stage": "reflections", "states": len(states), "examples": len(pairs)})
     common.print0(f"SR: {len(pairs)} rationale examples from {len(states)} expert states "

@@ -223,11 +223,15 @@ def episode_triples(episode: dict, history: int) -> list[dict]:
 
 
 def step_messages(episode: dict, t: int, history: int) -> list[dict]:
-    """The agent prompt of episode step t, rebuilt from the episode: what the agent saw there (rollout's own
-    prompt: the admissible actions it was offered, τ²'s system prompt)."""
+    """The text-game agent prompt of episode step t, rebuilt from the episode: what the agent saw there (with the
+    admissible actions it was offered). A τ² agent's prompt is τ²'s live conversation, which episodes do not keep
+    per step, so τ² steps cannot be rebuilt here."""
+    if episode["env"] == "tau2":
+        raise ValueError(f"{episode['task_id']}: τ² agent prompts are τ²'s own conversation, not kept per step in "
+                         "episodes.jsonl; agent examples (IL, SR, the format cold start) need text-game episodes")
     steps = episode["steps"]
     return agent_messages(episode["instruction"], recent(steps, t, history), steps[t]["obs"],
-                          steps[t].get("admissible"), t, episode["env"], system=episode.get("system_prompt"))
+                          steps[t].get("admissible"), t, episode["env"])
 
 
 def agent_examples(episode: dict, history: int) -> list[tuple[list[dict], str]]:

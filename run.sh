@@ -70,10 +70,6 @@ elif [ "$ENV" = tau2 ]; then
   POLICY="--config configs/tau2_policy.json --user-model $SIM_B --env-workers 8"   # 200 GRPO steps
   EVAL="--env tau2 --agent-splits test --user-model $SIM_B --max-state-tokens 512 --n-workers 8 \
         --embedder Qwen/Qwen3-Embedding-8B $TABLE3"
-  # τ²'s expert: the task's required tool calls; alternatives must come from the model (τ² lists no actions)
-  EXPERT="--env tau2 --split train --history 5 --rollouts 1 --max-env-steps 30 --policy expert --alternatives 3 \
-          --alternative-source model --user-model $SIM_B --n-workers 8"
-  SR=""
 else
   # ---- The paper's setting (configs/alfworld_*.json; README "The paper's setting") ----------------------------
   OUT=${OUT:-runs/full}
@@ -134,15 +130,19 @@ done
 
 # Early Experience's baselines, each from the start model: imitation learning on the expert's steps; IWM = WM SFT
 # on the alternatives' next states, then imitation learning; SR = rationales + expert action mixed with imitation
-stage expert "$X" python collect.py --model "$MODEL" --out-dir "$X" $EXPERT
-stage il "$OUT/il" $LAUNCH filter.py --sft-only --model "$START" --triples "" --agent-episodes "$X/episodes.jsonl" \
-  --out-dir "$OUT/il" $SFT
-stage iwm_wm "$OUT/iwm_wm" $LAUNCH filter.py --sft-only --model "$START" --triples "$X/triples_alt.jsonl" \
-  --out-dir "$OUT/iwm_wm" $SFT
-stage iwm "$OUT/iwm" $LAUNCH filter.py --sft-only --model "$OUT/iwm_wm" --triples "" \
-  --agent-episodes "$X/episodes.jsonl" --out-dir "$OUT/iwm" $SFT
-stage sr "$OUT/sr" $LAUNCH filter.py --sft-only --model "$START" --triples "" --agent-episodes "$X/episodes.jsonl" \
-  --reflections "$X/triples_alt.jsonl" --out-dir "$OUT/sr" $SFT $SR
+EE_RUNS=""
+if [ "$ENV" = alfworld ]; then   # text games only: a τ² agent's prompt is τ²'s live conversation, not kept per step
+  stage expert "$X" python collect.py --model "$MODEL" --out-dir "$X" $EXPERT
+  stage il "$OUT/il" $LAUNCH filter.py --sft-only --model "$START" --triples "" --agent-episodes "$X/episodes.jsonl" \
+    --out-dir "$OUT/il" $SFT
+  stage iwm_wm "$OUT/iwm_wm" $LAUNCH filter.py --sft-only --model "$START" --triples "$X/triples_alt.jsonl" \
+    --out-dir "$OUT/iwm_wm" $SFT
+  stage iwm "$OUT/iwm" $LAUNCH filter.py --sft-only --model "$OUT/iwm_wm" --triples "" \
+    --agent-episodes "$X/episodes.jsonl" --out-dir "$OUT/iwm" $SFT
+  stage sr "$OUT/sr" $LAUNCH filter.py --sft-only --model "$START" --triples "" --agent-episodes "$X/episodes.jsonl" \
+    --reflections "$X/triples_alt.jsonl" --out-dir "$OUT/sr" $SFT $SR
+  EE_RUNS="il=$OUT/il,iwm=$OUT/iwm,sr=$OUT/sr"
+fi
 
 # Evaluation, one process per group of arms (each model and the reward embedder load once): world-model accuracy
 # on held-out triples for the world-model arms (with the prompt each was trained on), agent success for every arm,
@@ -154,12 +154,12 @@ stage eval_wm_sft "$OUT/eval_wm_sft" python evaluate.py --what arms --arms "wm_s
   --evals $EVALS --triples "$WM_TRIPLES" --wm-prompt "$SFT_WM_PROMPT" --out-dir "$E" $EVAL
 stage eval_policy "$OUT/eval_policy" python evaluate.py --what arms --base "$START" --evals agent,weights,forgetting \
   --arms "policy=$OUT/policy,wm_sft_policy=$OUT/wm_sft_policy,rwml_policy=$OUT/rwml_policy" --out-dir "$E" $EVAL
-stage eval_ee "$OUT/eval_ee" python evaluate.py --what arms --base "$START" --evals agent,weights,forgetting \
-  --arms "il=$OUT/il,iwm=$OUT/iwm,sr=$OUT/sr" --out-dir "$E" $EVAL
+[ -n "$EE_RUNS" ] && stage eval_ee "$OUT/eval_ee" python evaluate.py --what arms --base "$START" \
+  --evals agent,weights,forgetting --arms "$EE_RUNS" --out-dir "$E" $EVAL
 OBJ_RUNS=$(for a in $OBJ_ARMS; do printf '%s=%s,' "$a" "$OUT/$a"; done); OBJ_RUNS=${OBJ_RUNS%,}
 stage eval_objectives "$OUT/eval_objectives" python evaluate.py --what arms --base "$START" \
   --evals agent,weights,forgetting --arms "$OBJ_RUNS" --out-dir "$E" $EVAL
-python evaluate.py --what report --runs "base=$E/base,wm_sft=$E/wm_sft,rwml=$E/rwml,policy=$E/policy,wm_sft_policy=$E/wm_sft_policy,rwml_policy=$E/rwml_policy,il=$E/il,iwm=$E/iwm,sr=$E/sr,${OBJ_RUNS//$OUT\//$E/}" \
+python evaluate.py --what report --runs "base=$E/base,wm_sft=$E/wm_sft,rwml=$E/rwml,policy=$E/policy,wm_sft_policy=$E/wm_sft_policy,rwml_policy=$E/rwml_policy,${EE_RUNS:+${EE_RUNS//$OUT\//$E/},}${OBJ_RUNS//$OUT\//$E/}" \
   --curves "rwml=$R,policy=$OUT/policy,wm_sft_policy=$OUT/wm_sft_policy,rwml_policy=$OUT/rwml_policy,$OBJ_RUNS" \
   --stages "$OUT" --out-dir "$OUT/report"
 echo "report: $OUT/report/report.md"

@@ -474,7 +474,7 @@ def test_bad_settings_and_a_rerun_with_other_settings_are_clear_errors(tmp_path)
         collect.main(settings(tmp_path, rollouts=0))
     with pytest.raises(SystemExit, match="--explore with --policy expert"):
         collect.main(settings(tmp_path, policy="expert", explore=0.5))
-    with pytest.raises(SystemExit, match="τ² has not: use --alternative-source model"):
+    with pytest.raises(SystemExit, match="--alternatives on τ²"):
         collect.main(settings(tmp_path, env="tau2", policy="expert", alternatives=2))
     save_config(settings(tmp_path, max_env_steps=5), tmp_path / "out")
     with pytest.raises(SystemExit, match="--max-env-steps 5 -> 3"):
