@@ -190,17 +190,23 @@ def reflection_states(path: str) -> list[dict]:
     return list(states.values())
 
 
-def rationales(s: Settings, d: common.Dist, states: list[dict], parts: Path) -> dict[str, str]:
-    """{state id: raw rationale} of --model for every state; each rank writes its shard into
-    parts/rank{r}.jsonl chunk by chunk (a rerun skips what is there), then every rank reads them all."""
+def shard_todo(d: common.Dist, items: list[dict], parts: Path) -> tuple[set, list[dict]]:
+    """Resumable per-rank output in parts/rank{r}.jsonl: -> (ids already written by any rank, this rank's shard
+    items[rank::world] still to do). The main rank repairs torn last lines of a killed run first."""
     parts.mkdir(parents=True, exist_ok=True)
-    if d.main:  # repair torn last lines of a killed run once, before any rank reads
+    if d.main:  # once, before any rank reads
         for p in sorted(parts.glob("rank*.jsonl")):
             common.read_jsonl_resumable(p)
     if d.world > 1:
         dist.barrier()
     done = {r["id"] for p in sorted(parts.glob("rank*.jsonl")) for r in common.read_jsonl(p)}
-    todo = [x for x in states[d.rank::d.world] if x["id"] not in done]
+    return done, [x for x in items[d.rank::d.world] if x["id"] not in done]
+
+
+def rationales(s: Settings, d: common.Dist, states: list[dict], parts: Path) -> dict[str, str]:
+    """{state id: raw rationale} of --model for every state; each rank writes its shard into
+    parts/rank{r}.jsonl chunk by chunk (a rerun skips what is there), then every rank reads them all."""
+    done, todo = shard_todo(d, states, parts)
     if todo:
         common.print0(f"SR: writing rationales for {len(states) - len(done)} expert states with {s.model}")
         model, tok = common.load_model(s.model, dtype=common.compute_dtype(s.precision, d.device), device=d.device)
@@ -310,14 +316,7 @@ def score(s: Settings, d: common.Dist, model_path: Path, triples: list[dict], pa
           log: common.MetricsLogger) -> None:
     """Each rank scores its shard (triples[rank::world]) into parts/rank{r}.jsonl, skipping scored ids."""
     from rewards import WorldModelReward
-    parts.mkdir(parents=True, exist_ok=True)
-    if d.main:  # repair torn last lines of a killed run once, before any rank reads
-        for p in sorted(parts.glob("rank*.jsonl")):
-            common.read_jsonl_resumable(p)
-    if d.world > 1:
-        dist.barrier()
-    done = {r["id"] for p in sorted(parts.glob("rank*.jsonl")) for r in common.read_jsonl(p)}
-    todo = [t for t in triples[d.rank::d.world] if t["id"] not in done]
+    done, todo = shard_todo(d, triples, parts)
     common.print0(f"scoring {len(triples) - len(done)} triples ({len(done)} already scored) on {d.world} rank(s)")
     if not todo:
         return

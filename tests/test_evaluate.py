@@ -411,15 +411,12 @@ def test_shipped_probe_is_well_formed():
     assert all(evaluate.contains_answer(r["answer"], r["accept"]) for r in rows)
 
 
-def fit_to_probe(model, tok, steps=40):
-    """A few Adam steps on the probe's reference answers: a tiny model that 'knows' them (NLL far below ln V)."""
-    from common import chat_ids
-    seqs = [(chat_ids(tok, [{"role": "user", "content": q["prompt"]}]),
-             tok(q["answer"], add_special_tokens=False)["input_ids"]) for q in PROBE_ROWS]
+def fit(model, tok, seqs: list[tuple[list[int], list[int]]], steps: int):
+    """A few Adam steps of cross-entropy on the answer ids of (prompt ids, answer ids) pairs: a tiny model that
+    'knows' the answers."""
     width = max(len(p) + len(a) for p, a in seqs)
     ids = torch.full((len(seqs), width), tok.pad_token_id)
-    labels = torch.full_like(ids, -100)
-    attn = torch.zeros_like(ids)
+    labels, attn = torch.full_like(ids, -100), torch.zeros_like(ids)
     for b, (p, a) in enumerate(seqs):
         ids[b, :len(p) + len(a)] = torch.tensor(p + a)
         labels[b, len(p):len(p) + len(a)] = torch.tensor(a)
@@ -433,10 +430,19 @@ def fit_to_probe(model, tok, steps=40):
     return model
 
 
-def test_forgetting_nll_rises_for_a_perturbed_model(tmp_path, probe_file):
+def fit_to_probe(model, tok, steps=40):
+    """The probe's reference answers (NLL far below ln V)."""
+    from common import chat_ids
+    return fit(model, tok, [(chat_ids(tok, [{"role": "user", "content": q["prompt"]}]),
+                             tok(q["answer"], add_special_tokens=False)["input_ids"]) for q in PROBE_ROWS], steps)
+
+
+def fitted_and_perturbed(tmp_path, fit_fn) -> None:
+    """tmp_path/fitted: the tiny model after fit_fn; tmp_path/perturbed: the same with Gaussian noise on every
+    weight (0.5 of each tensor's std), which loses what it was fitted to."""
     torch.manual_seed(0)
     model, tok = common.load_model("tiny")
-    fit_to_probe(model, tok)
+    fit_fn(model, tok)
     model.save_pretrained(tmp_path / "fitted")
     tok.save_pretrained(tmp_path / "fitted")
     with torch.no_grad():
@@ -444,6 +450,10 @@ def test_forgetting_nll_rises_for_a_perturbed_model(tmp_path, probe_file):
             p.add_(0.5 * p.std() * torch.randn_like(p))
     model.save_pretrained(tmp_path / "perturbed")
     tok.save_pretrained(tmp_path / "perturbed")
+
+
+def test_forgetting_nll_rises_for_a_perturbed_model(tmp_path, probe_file):
+    fitted_and_perturbed(tmp_path, fit_to_probe)
     evaluate.main(["--what", "arms", "--arms", f"base={tmp_path / 'fitted'},rwml={tmp_path / 'perturbed'}",
                    "--evals", "forgetting", "--probe", str(probe_file), "--probe-max-new-tokens", "4",
                    "--out-dir", str(tmp_path / "eval")])
@@ -586,25 +596,12 @@ def test_shipped_lm_eval_tasks_are_well_formed():
 
 
 def fit_to_choices(model, tok, steps=60):
-    """A few Adam steps on "Question: q\nAnswer: <right choice>" (lm-eval's plain multiple-choice prompt): a tiny
-    model that knows the local task's answers."""
+    """"Question: q\nAnswer: <right choice>" (lm-eval's plain multiple-choice prompt): a tiny model that knows the
+    local task's answers."""
     rows = read_jsonl(LM_EVAL_DIR / "rwml_general_mc.jsonl")
-    seqs = [(tok(f"Question: {r['question']}\nAnswer:")["input_ids"],
-             tok(" " + r["choices"][r["answer"]], add_special_tokens=False)["input_ids"]) for r in rows]
-    width = max(len(p) + len(a) for p, a in seqs)
-    ids = torch.full((len(seqs), width), tok.pad_token_id)
-    labels, attn = torch.full_like(ids, -100), torch.zeros_like(ids)
-    for b, (p, a) in enumerate(seqs):
-        ids[b, :len(p) + len(a)] = torch.tensor(p + a)
-        labels[b, len(p):len(p) + len(a)] = torch.tensor(a)
-        attn[b, :len(p) + len(a)] = 1
-    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
-    for _ in range(steps):
-        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model
+    return fit(model, tok, [(tok(f"Question: {r['question']}\nAnswer:")["input_ids"],
+                             tok(" " + r["choices"][r["answer"]], add_special_tokens=False)["input_ids"]) for r in rows],
+               steps)
 
 
 @pytest.mark.slow  # lm-eval's import and two arms x (probe, two local tasks): ~40 s on the 2-core box
@@ -612,16 +609,7 @@ def test_lm_eval_forgetting_on_local_tasks_into_the_report(tmp_path, probe_file,
     """Two arms through lm-eval on the shipped local tasks: a model fitted to the multiple-choice answers scores
     all of them, the same model perturbed does not; the numbers land in results.json, lm_eval.jsonl, summary.json
     and the report's forgetting table, and a rerun reuses the finished tasks."""
-    torch.manual_seed(0)
-    model, tok = common.load_model("tiny")
-    fit_to_choices(model, tok)
-    model.save_pretrained(tmp_path / "fitted")
-    tok.save_pretrained(tmp_path / "fitted")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.5 * p.std() * torch.randn_like(p))
-    model.save_pretrained(tmp_path / "perturbed")
-    tok.save_pretrained(tmp_path / "perturbed")
+    fitted_and_perturbed(tmp_path, fit_to_choices)
     argv = ["--what", "arms", "--arms", f"base={tmp_path / 'fitted'},rwml={tmp_path / 'perturbed'}",
             "--evals", "forgetting", "--probe", str(probe_file), "--probe-max-new-tokens", "2",
             "--lm-eval-tasks", "rwml_general_mc,rwml_general_gen", "--lm-eval-include", str(LM_EVAL_DIR),
