@@ -54,9 +54,13 @@ if [ "$QUICK" = 1 ]; then
   # Cold start = the filter model: a short SFT on the held-back third (the paper's filter model is an SFT on a
   # disjoint 10%) plus format-only agent examples; every arm starts from it, and so does the "base" row.
   OUT=${OUT:-runs/quick}
-# RWML; Early Experience's baselines (paper Table 2) from expert data: imitation learning, IWM, SR -> evaluate every
-# arm in one process -> report (report.md, curves.png, summary.json).
-# Usage: bash run.sh [--quick] [--model NAME] [--out DIR] [--launcher "torchrun --nproc_per_node 8"]
+  Q=configs/quick
+  COLLECT="--config $Q/collect.json"; HELDOUT="--config $Q/heldout.json"; FORMAT="--config $Q/format.json"
+  FILTER="--config $Q/filter.json"; SFT="--config $Q/wm_sft.json"; RWML="--config $Q/rwml.json"
+  POLICY="--config $Q/policy.json"; EVAL="--config $Q/eval.json"
+  # Early Experience: expert episodes on the game the agent arms play (coin's gold path), 3 random admissible
+  # alternatives from every expert state; IL / IWM / SR train like WM SFT ($SFT), SR's rationales are short
+  EXPERT="--config $Q/expert.json"; SR="--max-new-tokens 48"
 elif [ "$ENV" = tau2 ]; then
   # ---- τ²-bench, the paper's setting (configs/tau2_*.json; README "The paper's setting", its τ² paragraph) -------
   OUT=${OUT:-runs/full_tau2}
