@@ -2,9 +2,11 @@
 # The whole RWML pipeline, one command: collect -> filter -> WM SFT | RWML -> policy RL from the start, WM SFT and
 # RWML; Early Experience's baselines (paper Table 2) from expert data: imitation learning, IWM, SR -> evaluate every
 # arm in one process -> report (report.md, curves.png, summary.json).
-# Usage: bash run.sh [--quick] [--env alfworld|tau2] [--model NAME] [--out DIR] [--launcher "torchrun ..."]
+# Usage: bash run.sh [--quick] [--all-arms] [--env alfworld|tau2] [--model NAME] [--out DIR] [--launcher "torchrun ..."]
 #   --quick  the miniature for a 2-core CPU (SmolLM2-135M, ~30 minutes): every arm starts from a cold start that
 #            teaches the answer formats (see "The miniature" below); without it, the paper's settings (a GPU box).
+#   --all-arms  with --quick, also the arms beyond Table 1 (Early Experience IL/IWM/SR, GiGPO, ECHO); the paper
+#            setting always runs them.
 #   --env    the paper's ALFWorld pipeline (default) or its τ²-bench one (paper settings only, not --quick).
 # Every stage writes DONE ("<seconds> s") into its folder when it finishes and is skipped on a rerun; a stage that
 # was killed continues from its own resume state (collect/filter/evaluate skip finished rows, training resumes its
@@ -12,15 +14,16 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-QUICK=0; MODEL=smollm2-135m; OUT=""; LAUNCH="python"; ENV=alfworld
+QUICK=0; ALL_ARMS=0; MODEL=smollm2-135m; OUT=""; LAUNCH="python"; ENV=alfworld
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
+    --all-arms) ALL_ARMS=1 ;;
     --env) ENV="$2"; shift ;;
     --model) MODEL="$2"; shift ;;
     --out) OUT="$2"; shift ;;
     --launcher) LAUNCH="$2"; shift ;;
-    *) echo "run.sh: unknown flag $1 (flags: --quick --env ENV --model NAME --out DIR --launcher CMD)" >&2; exit 2 ;;
+    *) echo "run.sh: unknown flag $1 (flags: --quick --all-arms --env ENV --model NAME --out DIR --launcher CMD)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -28,6 +31,7 @@ case "$ENV" in alfworld|tau2) ;; *) echo "run.sh: --env must be alfworld or tau2
 if [ "$QUICK" = 1 ] && [ "$ENV" = tau2 ]; then
   echo "run.sh: --quick is the ALFWorld/TextWorld-Express miniature; --env tau2 runs the paper's setting" >&2; exit 2
 fi
+[ "$QUICK" = 1 ] || ALL_ARMS=1   # the miniature keeps to Table 1's arms unless asked (its time budget)
 [ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1} TOKENIZERS_PARALLELISM=false
 export RWML_CACHE="${RWML_CACHE:-$HOME/.cache/rwml}"
@@ -126,7 +130,8 @@ done
 declare -A OBJ_FROM=([gigpo]="$START" [rwml_gigpo]="$R" [echo]="$START")
 declare -A OBJ_FLAGS=([gigpo]="--step-advantage gigpo" [rwml_gigpo]="--step-advantage gigpo" [echo]="--echo-coef 0.1")
 OBJ_ARMS="gigpo rwml_gigpo echo"
-[ "$ENV" = tau2 ] && OBJ_ARMS="gigpo rwml_gigpo"   # ECHO marks observations in the text-game prompt, not in τ²'s
+[ "$ENV" = tau2 ] && OBJ_ARMS="gigpo rwml_gigpo"
+[ "$ALL_ARMS" = 1 ] || OBJ_ARMS=""   # ECHO marks observations in the text-game prompt, not in τ²'s
 for arm in $OBJ_ARMS; do
   stage "$arm" "$OUT/$arm" $LAUNCH train_rwml.py --task policy --model "${OBJ_FROM[$arm]}" --out-dir "$OUT/$arm" \
     $POLICY ${OBJ_FLAGS[$arm]} $(resume_flag "$OUT/$arm")
@@ -135,7 +140,7 @@ done
 # Early Experience's baselines, each from the start model: imitation learning on the expert's steps; IWM = WM SFT
 # on the alternatives' next states, then imitation learning; SR = rationales + expert action mixed with imitation
 EE_RUNS=""
-if [ "$ENV" = alfworld ]; then   # text games only: a τ² agent's prompt is τ²'s live conversation, not kept per step
+if [ "$ALL_ARMS" = 1 ] && [ "$ENV" = alfworld ]; then   # text games only: a τ² agent's prompt is τ²'s live conversation, not kept per step
   stage expert "$X" python collect.py --model "$MODEL" --out-dir "$X" $EXPERT
   stage il "$OUT/il" $LAUNCH filter.py --sft-only --model "$START" --triples "" --agent-episodes "$X/episodes.jsonl" \
     --out-dir "$OUT/il" $SFT
@@ -161,9 +166,9 @@ stage eval_policy "$OUT/eval_policy" python evaluate.py --what arms --base "$STA
 [ -n "$EE_RUNS" ] && stage eval_ee "$OUT/eval_ee" python evaluate.py --what arms --base "$START" \
   --evals agent,weights,forgetting --arms "$EE_RUNS" --out-dir "$E" $EVAL
 OBJ_RUNS=$(for a in $OBJ_ARMS; do printf '%s=%s,' "$a" "$OUT/$a"; done); OBJ_RUNS=${OBJ_RUNS%,}
-stage eval_objectives "$OUT/eval_objectives" python evaluate.py --what arms --base "$START" \
+[ -n "$OBJ_RUNS" ] && stage eval_objectives "$OUT/eval_objectives" python evaluate.py --what arms --base "$START" \
   --evals agent,weights,forgetting --arms "$OBJ_RUNS" --out-dir "$E" $EVAL
-python evaluate.py --what report --runs "base=$E/base,wm_sft=$E/wm_sft,rwml=$E/rwml,policy=$E/policy,wm_sft_policy=$E/wm_sft_policy,rwml_policy=$E/rwml_policy,${EE_RUNS:+${EE_RUNS//$OUT\//$E/},}${OBJ_RUNS//$OUT\//$E/}" \
-  --curves "rwml=$R,policy=$OUT/policy,wm_sft_policy=$OUT/wm_sft_policy,rwml_policy=$OUT/rwml_policy,$OBJ_RUNS" \
+python evaluate.py --what report --runs "base=$E/base,wm_sft=$E/wm_sft,rwml=$E/rwml,policy=$E/policy,wm_sft_policy=$E/wm_sft_policy,rwml_policy=$E/rwml_policy${EE_RUNS:+,${EE_RUNS//$OUT\//$E/}}${OBJ_RUNS:+,${OBJ_RUNS//$OUT\//$E/}}" \
+  --curves "rwml=$R,policy=$OUT/policy,wm_sft_policy=$OUT/wm_sft_policy,rwml_policy=$OUT/rwml_policy${OBJ_RUNS:+,$OBJ_RUNS}" \
   --stages "$OUT" --out-dir "$OUT/report"
 echo "report: $OUT/report/report.md"

@@ -20,7 +20,7 @@ STAGES = ("collect", "heldout", "format", "filter", "wm_sft", "rwml", "policy", 
 def test_quick_pipeline_writes_every_artifact_and_resumes(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "ALFWORLD_DATA": str(ROOT / "tests/fixtures/alfworld"), "OMP_NUM_THREADS": "1"}
-    cmd = ["bash", str(ROOT / "run.sh"), "--quick", "--model", "tiny", "--out", str(out)]
+    cmd = ["bash", str(ROOT / "run.sh"), "--quick", "--all-arms", "--model", "tiny", "--out", str(out)]
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
 
