@@ -43,6 +43,30 @@ def test_top_p_logprobs_are_of_the_truncated_distribution():
     assert torch.isinf(lp[0, 2:]).all()
 
 
+def test_sampler_draws_from_the_distribution_and_never_a_zero_probability_token():
+    p = torch.tensor([0.5, 0.0, 0.3, 0.0, 0.2])
+    logp = p.log().expand(20000, -1)   # 20000 independent rows, one draw each
+    draws = common._sample(logp, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).double() / len(draws)
+    assert freq[1] == freq[3] == 0
+    torch.testing.assert_close(freq, p.double(), atol=0.015, rtol=0)   # ~4 standard errors at n = 20000
+
+
+def test_greedy_generation_equals_argmax_of_full_forwards(tiny):
+    """The preallocated KV cache must give what recomputing the whole sequence gives, token by token."""
+    model, tok = tiny
+    prompt = _ids(tok, PROMPTS[:1])[0]
+    out = common.generate(model, tok, [prompt], max_new_tokens=16, temperature=0.0)[0]
+    seq, logprobs = list(prompt), []
+    with torch.no_grad():
+        for _ in out.response_ids:
+            logp = model(input_ids=torch.tensor([seq])).logits[0, -1].float().log_softmax(-1)
+            seq.append(int(logp.argmax()))
+            logprobs.append(float(logp.max()))
+    assert seq[len(prompt):] == out.response_ids
+    torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(logprobs), atol=1e-5, rtol=0)
+
+
 def test_left_padded_batch_greedy_equals_one_by_one(tiny):
     model, tok = tiny
     prompts = _ids(tok, PROMPTS)
