@@ -2,9 +2,12 @@
 # The whole RWML pipeline, one command: collect -> filter -> WM SFT | RWML -> policy RL from the start, WM SFT and
 # RWML; Early Experience's baselines (paper Table 2) from expert data: imitation learning, IWM, SR -> evaluate every
 # arm in one process -> report (report.md, curves.png, summary.json).
-# Usage: bash run.sh [--quick] [--all-arms] [--env alfworld|tau2] [--model NAME] [--out DIR] [--launcher "torchrun ..."]
+# Usage: bash run.sh [--quick | --medium] [--all-arms] [--env alfworld|tau2] [--model NAME] [--out DIR] [--launcher "torchrun ..."]
 #   --quick  the miniature for a 2-core CPU (SmolLM2-135M, ~30 minutes): every arm starts from a cold start that
 #            teaches the answer formats (see "The miniature" below); without it, the paper's settings (a GPU box).
+#   --medium the larger miniature (~40 minutes on the same CPU): --quick's recipe with twice the games, four times the
+#            RWML steps and 400 held-out triples, for the world-model arms only (base, wm_sft, rwml); the effect
+#            that --quick is too small to resolve (README "Results").
 #   --all-arms  with --quick, also the arms beyond Table 1 (Early Experience IL/IWM/SR, GiGPO, ECHO); the paper
 #            setting always runs them.
 #   --env    the paper's ALFWorld pipeline (default) or its τ²-bench one (paper settings only, not --quick).
@@ -14,22 +17,26 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-QUICK=0; ALL_ARMS=0; MODEL=smollm2-135m; OUT=""; LAUNCH="python"; ENV=alfworld
+QUICK=0; MEDIUM=0; ALL_ARMS=0; MODEL=smollm2-135m; OUT=""; LAUNCH="python"; ENV=alfworld
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) QUICK=1 ;;
+    --medium) QUICK=1; MEDIUM=1 ;;
     --all-arms) ALL_ARMS=1 ;;
     --env) ENV="$2"; shift ;;
     --model) MODEL="$2"; shift ;;
     --out) OUT="$2"; shift ;;
     --launcher) LAUNCH="$2"; shift ;;
-    *) echo "run.sh: unknown flag $1 (flags: --quick --all-arms --env ENV --model NAME --out DIR --launcher CMD)" >&2; exit 2 ;;
+    *) echo "run.sh: unknown flag $1 (flags: --quick --medium --all-arms --env ENV --model NAME --out DIR --launcher CMD)" >&2; exit 2 ;;
   esac
   shift
 done
 case "$ENV" in alfworld|tau2) ;; *) echo "run.sh: --env must be alfworld or tau2, got $ENV" >&2; exit 2 ;; esac
 if [ "$QUICK" = 1 ] && [ "$ENV" = tau2 ]; then
   echo "run.sh: --quick is the ALFWorld/TextWorld-Express miniature; --env tau2 runs the paper's setting" >&2; exit 2
+fi
+if [ "$MEDIUM" = 1 ] && [ "$ALL_ARMS" = 1 ]; then
+  echo "run.sh: --medium runs the world-model arms only; --all-arms goes with --quick" >&2; exit 2
 fi
 [ "$QUICK" = 1 ] || ALL_ARMS=1   # the miniature keeps to Table 1's arms unless asked (its time budget)
 [ -x .venv/bin/python ] && export PATH="$PWD/.venv/bin:$PATH"
@@ -57,7 +64,7 @@ if [ "$QUICK" = 1 ]; then
   # a game a small model wins sometimes, and the cold start's format examples come from its train seeds.
   # Cold start = the filter model: a short SFT on the held-back third (the paper's filter model is an SFT on a
   # disjoint 10%) plus format-only agent examples; every arm starts from it, and so does the "base" row.
-  OUT=${OUT:-runs/quick}
+  OUT=${OUT:-runs/$([ "$MEDIUM" = 1 ] && echo medium || echo quick)}
   Q=configs/quick
   COLLECT="--config $Q/collect.json"; HELDOUT="--config $Q/heldout.json"; FORMAT="--config $Q/format.json"
   FILTER="--config $Q/filter.json"; SFT="--config $Q/wm_sft.json"; RWML="--config $Q/rwml.json"
@@ -65,6 +72,10 @@ if [ "$QUICK" = 1 ]; then
   # Early Experience: expert episodes on the game the agent arms play (coin's gold path), 3 random admissible
   # alternatives from every expert state; IL / IWM / SR train like WM SFT ($SFT), SR's rationales are short
   EXPERT="--config $Q/expert.json"; SR="--max-new-tokens 48"
+  if [ "$MEDIUM" = 1 ]; then   # the same presets, more of everything the world-model comparison needs
+    COLLECT="$COLLECT --n-tasks 36"; HELDOUT="$HELDOUT --n-tasks 48"; EVAL="$EVAL --n-triples 400"
+    RWML="$RWML --max-steps 32 --val-every 8"
+  fi
 elif [ "$ENV" = tau2 ]; then
   # ---- τ²-bench, the paper's setting (configs/tau2_*.json; README "The paper's setting", its τ² paragraph) -------
   OUT=${OUT:-runs/full_tau2}
@@ -121,7 +132,9 @@ stage rwml "$R" $LAUNCH train_rwml.py --task wm --model "$START" --data "$F/filt
   --val-data "$WM_TRIPLES" --out-dir "$R" $RWML $(resume_flag "$R")
 # Policy RL from the start model, from WM SFT and from RWML (paper Table 1's last rows)
 declare -A FROM=([policy]="$START" [wm_sft_policy]="$S" [rwml_policy]="$R")
-for arm in policy wm_sft_policy rwml_policy; do
+POLICY_ARMS="policy wm_sft_policy rwml_policy"
+[ "$MEDIUM" = 1 ] && POLICY_ARMS=""
+for arm in $POLICY_ARMS; do
   stage "$arm" "$OUT/$arm" $LAUNCH train_rwml.py --task policy --model "${FROM[$arm]}" --out-dir "$OUT/$arm" \
     $POLICY $(resume_flag "$OUT/$arm")
 done
@@ -157,18 +170,21 @@ fi
 # on held-out triples for the world-model arms (with the prompt each was trained on), agent success for every arm,
 # weight change against the start model, the forgetting probe. Results land in $E/<arm>/.
 EVALS="wm,agent,weights,forgetting"
+[ "$MEDIUM" = 1 ] && EVALS="wm,weights,forgetting"
 stage eval_wm "$OUT/eval_wm" python evaluate.py --what arms --arms "base=$START,rwml=$R" --base "$START" \
   --evals $EVALS --triples "$WM_TRIPLES" --out-dir "$E" $EVAL
 stage eval_wm_sft "$OUT/eval_wm_sft" python evaluate.py --what arms --arms "wm_sft=$S" --base "$START" \
   --evals $EVALS --triples "$WM_TRIPLES" --wm-prompt "$SFT_WM_PROMPT" --out-dir "$E" $EVAL
-stage eval_policy "$OUT/eval_policy" python evaluate.py --what arms --base "$START" --evals agent,weights,forgetting \
-  --arms "policy=$OUT/policy,wm_sft_policy=$OUT/wm_sft_policy,rwml_policy=$OUT/rwml_policy" --out-dir "$E" $EVAL
+POLICY_RUNS=$(for a in $POLICY_ARMS; do printf '%s=%s,' "$a" "$OUT/$a"; done); POLICY_RUNS=${POLICY_RUNS%,}
+[ -n "$POLICY_RUNS" ] && stage eval_policy "$OUT/eval_policy" python evaluate.py --what arms --base "$START" \
+  --evals agent,weights,forgetting --arms "$POLICY_RUNS" --out-dir "$E" $EVAL
 [ -n "$EE_RUNS" ] && stage eval_ee "$OUT/eval_ee" python evaluate.py --what arms --base "$START" \
   --evals agent,weights,forgetting --arms "$EE_RUNS" --out-dir "$E" $EVAL
 OBJ_RUNS=$(for a in $OBJ_ARMS; do printf '%s=%s,' "$a" "$OUT/$a"; done); OBJ_RUNS=${OBJ_RUNS%,}
 [ -n "$OBJ_RUNS" ] && stage eval_objectives "$OUT/eval_objectives" python evaluate.py --what arms --base "$START" \
   --evals agent,weights,forgetting --arms "$OBJ_RUNS" --out-dir "$E" $EVAL
-python evaluate.py --what report --runs "base=$E/base,wm_sft=$E/wm_sft,rwml=$E/rwml,policy=$E/policy,wm_sft_policy=$E/wm_sft_policy,rwml_policy=$E/rwml_policy${EE_RUNS:+,${EE_RUNS//$OUT\//$E/}}${OBJ_RUNS:+,${OBJ_RUNS//$OUT\//$E/}}" \
-  --curves "rwml=$R,policy=$OUT/policy,wm_sft_policy=$OUT/wm_sft_policy,rwml_policy=$OUT/rwml_policy${OBJ_RUNS:+,$OBJ_RUNS}" \
+TRAINED_RUNS="$POLICY_RUNS${EE_RUNS:+,$EE_RUNS}${OBJ_RUNS:+,$OBJ_RUNS}"; TRAINED_RUNS=${TRAINED_RUNS#,}
+python evaluate.py --what report --runs "base=$E/base,wm_sft=$E/wm_sft,rwml=$E/rwml${TRAINED_RUNS:+,${TRAINED_RUNS//$OUT\//$E/}}" \
+  --curves "rwml=$R${POLICY_RUNS:+,$POLICY_RUNS}${OBJ_RUNS:+,$OBJ_RUNS}" \
   --stages "$OUT" --out-dir "$OUT/report"
 echo "report: $OUT/report/report.md"
