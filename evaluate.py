@@ -14,7 +14,10 @@
            tasks in data/lm_eval) on the same loaded model, each metric with its stderr.
   arms     all of the above for several models in one process: each model and the reward embedder load once;
            results land in out_dir/<arm>/<evaluation>/ and a rerun skips the evaluations already finished.
-  report   one table of every arm, the stage times, training curves, summary.json (+ the detailed tables).
+           --checkpoints all: also the wm and agent evaluations of each earlier checkpoint of an arm given as a
+           training run dir, into out_dir/<arm>/checkpoints/step_N/<evaluation>/.
+  report   one table of every arm, the stage times, training curves, world-model accuracy against task success
+           (one point per arm, a line through its evaluated checkpoints), summary.json (+ the detailed tables).
 
 agent / wm / weights / forgetting write out_dir/results.json (+ config.json); report reads every results.json under
 each run dir.
@@ -46,9 +49,9 @@ from pathlib import Path
 
 import torch
 
-from common import (TRIPLE_KEYS, _resolve, append_jsonl, chat_ids, check_resume, compute_dtype, flag, generate, load_model,
-                    parse_settings, pick_tasks, read_jsonl, read_jsonl_resumable, sample_rows, save_config,
-                    seed_everything, sequence_logprobs, write_jsonl)
+from common import (TRIPLE_KEYS, _resolve, append_jsonl, chat_ids, check_resume, compute_dtype, flag, generate,
+                    latest_checkpoint, load_model, parse_settings, pick_tasks, read_jsonl, read_jsonl_resumable,
+                    sample_rows, save_config, seed_everything, sequence_logprobs, write_jsonl)
 
 PROBE = Path(__file__).resolve().parent / "data" / "general_probe.jsonl"
 
@@ -115,6 +118,10 @@ class Settings:
     agent_splits: str = flag("valid_seen,valid_unseen", "env splits each arm plays")
     start_arm: str = flag("base", "the arm the others started from: its model is the default --base, and the report "
                                   "gives each arm's forgetting NLL as a change against it")
+    checkpoints: str = flag("last", "last = each arm's model; all = also each earlier checkpoint (ckpt/step_*) of an "
+                                    "arm given as a training run dir, for its wm and agent evaluations, into "
+                                    "out_dir/<arm>/checkpoints/step_N/ (the report's wm_vs_success.png draws them "
+                                    "as the arm's line)", ["last", "all"])
     # report
     runs: str = flag("", "name=eval_dir,... : table rows, each from the results.json files under eval_dir")
     curves: str = flag("", "name=run_dir_or_metrics.jsonl,... : training curves to plot")
@@ -616,7 +623,7 @@ def evaluate_arms(s: Settings) -> dict[str, dict]:
     for name, model in arms:
         lm = functools.cache(lambda model=model: eval_model(s, model))
 
-        def sub(what: str, folder: str, **kw) -> Settings:
+        def sub(what: str, folder: str, model: str = model, **kw) -> Settings:
             return dataclasses.replace(s, what=what, model=model, out_dir=str(out / name / folder), **kw)
         got = {}
         if "wm" in evals:
@@ -629,8 +636,32 @@ def evaluate_arms(s: Settings) -> dict[str, dict]:
         if "weights" in evals and model != base:
             got["weights"] = evaluate_weights(sub("weights", "weights", base=base), base_weights)
         lm.cache_clear()  # free this arm's model before the next one loads
+        for ckpt in earlier_checkpoints(model) if s.checkpoints == "all" else []:
+            lm = functools.cache(lambda ckpt=ckpt: eval_model(s, str(ckpt)))
+            at = f"checkpoints/{ckpt.name}"
+            if "wm" in evals:
+                got[f"{at}/wm"] = evaluate_wm(sub("wm", f"{at}/wm", str(ckpt)), lm, reward)
+            if "agent" in evals:
+                for split in splits:
+                    got[f"{at}/{s.env}/{split}"] = evaluate_agent(
+                        sub("agent", f"{at}/{s.env}_{split}", str(ckpt), split=split), lm)
+            lm.cache_clear()
         results[name] = got
     return results
+
+
+def earlier_checkpoints(model: str) -> list[Path]:
+    """The checkpoints (ckpt/step_*) a training run dir holds besides its newest, which is the model the run dir
+    names (common.load_model); in step order. [] for anything else (a model name, a checkpoint dir)."""
+    root = Path(model) / "ckpt"
+    latest = latest_checkpoint(root)
+    if latest is None:
+        return []
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and p != latest), key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.removeprefix("step_"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -647,8 +678,9 @@ def parse_pairs(text: str, flag: str) -> list[tuple[str, Path]]:
 
 
 def load_results(name: str, run_dir: Path) -> list[dict]:
-    """Every results.json under run_dir; two agent results for the same env split would be one row, so an error."""
-    files = sorted(run_dir.rglob("results.json"))
+    """Every results.json under run_dir but its checkpoints/ (load_checkpoints); two agent results for the same env
+    split would be one row, so an error."""
+    files = sorted(f for f in run_dir.rglob("results.json") if "checkpoints" not in f.relative_to(run_dir).parts)
     if not files:
         raise SystemExit(f"--runs: no results.json under {run_dir}")
     results, seen = [], {}
@@ -661,6 +693,13 @@ def load_results(name: str, run_dir: Path) -> list[dict]:
             seen[key] = f
         results.append(r)
     return results
+
+
+def load_checkpoints(name: str, run_dir: Path) -> dict[int, list[dict]]:
+    """{step: its results} of the earlier checkpoints --what arms --checkpoints all evaluated into
+    run_dir/checkpoints/step_N/, in step order ({} when there are none)."""
+    folders = sorted((p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir()), key=checkpoint_step)
+    return {checkpoint_step(p): load_results(f"{name} {p.name}", p) for p in folders}
 
 
 def pct(x) -> str:
@@ -764,6 +803,41 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_wm_vs_success(arms: dict[str, dict], path: Path) -> bool:
+    """World-model accuracy (x) against task success (y), both in %: a point per arm that has both (summarize's
+    numbers), with its 95% intervals as error bars both ways, and for an arm with evaluated earlier checkpoints a
+    line through them in step order, ending at the arm. -> False (and no file) when no arm has both."""
+    import matplotlib.pyplot as plt
+
+    def xy(h: dict) -> tuple[float, float] | None:
+        if h["wm_accuracy"] is None or h["success"] is None or not h["wm_accuracy"]["n"]:
+            return None
+        return tuple(100 * x["k"] / x["n"] for x in (h["wm_accuracy"], h["success"]))
+    if not any(xy(arm) or any(xy(c) for c in arm["checkpoints"]) for arm in arms.values()):
+        return False
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    for i, (name, arm) in enumerate(arms.items()):
+        color = f"C{i % 10}"
+        line = [(c["step"], p) for c in arm["checkpoints"] if (p := xy(c))]
+        if line:
+            pts = [p for _, p in line] + ([xy(arm)] if xy(arm) else [])
+            ax.plot(*zip(*pts), color=color, marker=".", linewidth=1, label=f"{name} (checkpoints)")
+            for step, (x, y) in line:
+                ax.annotate(f"step {step}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+        if p := xy(arm):
+            (wlo, whi), (slo, shi) = arm["wm_accuracy"]["ci95"], arm["success"]["ci95"]
+            ax.errorbar(*p, xerr=[[p[0] - 100 * wlo], [100 * whi - p[0]]],
+                        yerr=[[p[1] - 100 * slo], [100 * shi - p[1]]], color=color, marker="o", capsize=3, label=name)
+    ax.set(xlabel="world-model accuracy, held-out triples (%)", ylabel="task success, agent splits pooled (%)",
+           xlim=(-2, 102), ylim=(-2, 102), title="World-model accuracy vs task success (95% Wilson intervals)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def plot_weight_change(weights: dict[str, dict], path: Path) -> None:
     """Left: changed fraction per transformer layer, a line per run. Right: per module type, bars per run."""
     import matplotlib.pyplot as plt
@@ -809,21 +883,34 @@ def lm_eval_headline(x: dict) -> dict:
     return {"n": x["n"], "metrics": x["metrics"] or parts}
 
 
-def summarize(runs: dict[str, list[dict]], start_arm: str) -> dict[str, dict]:
-    """summary.json's runs: per arm its WM accuracy, agent success per env/split (k, n, 95% CI each), fraction of
-    weights changed and forgetting (probe, lm-eval tasks), null / {} where not measured. nll_delta is the arm's probe
-    NLL minus the start arm's (> 0: the arm lost general ability). lm_eval: per task its n and metrics {"<metric>,
-    <filter>": {"value", "stderr"}} (lm_eval_headline)."""
+def headline(results: list[dict]) -> dict:
+    """One model's headline numbers from its results: WM accuracy and agent success per env/split (k, n, 95% CI
+    each), success pooled over its splits (the paper's AVG pools ID and OOD) and its invalid-action rate over all
+    their steps; None / {} where not measured."""
+    wm = next((r for r in results if r["what"] == "wm"), None)
+    agent = [r for r in results if r["what"] == "agent"]
+    k, n, steps = (sum(r[key] for r in agent) for key in ("n_success", "n_episodes", "n_steps"))
+    return {"wm_accuracy": wm and interval(wm["k"], wm["n"], wm["ci95"]),
+            "agent": {f"{r['env']}/{r['split']}": interval(r["n_success"], r["n_episodes"], r["success_ci95"])
+                      for r in agent},
+            "success": interval(k, n, wilson_interval(k, n)) if n else None,
+            "invalid_rate": sum((r["invalid_rate"] or 0.0) * r["n_steps"] for r in agent) / steps if steps else None}
+
+
+def summarize(runs: dict[str, list[dict]], start_arm: str,
+              checkpoints: dict[str, dict[int, list[dict]]]) -> dict[str, dict]:
+    """summary.json's runs: per arm its headline numbers (headline: WM accuracy, agent success per env/split and
+    pooled, invalid-action rate), fraction of weights changed, forgetting (probe, lm-eval tasks), and its earlier
+    checkpoints' headline numbers in step order ({"step", ...}; [] without --checkpoints all), null / {} where not
+    measured. nll_delta is the arm's probe NLL minus the start arm's (> 0: the arm lost general ability). lm_eval:
+    per task its n and metrics {"<metric>,<filter>": {"value", "stderr"}} (lm_eval_headline)."""
     start_nll = next((r["nll"] for r in runs.get(start_arm, []) if r["what"] == "forgetting"), None)
     summary = {}
     for name, results in runs.items():
-        arm = {"wm_accuracy": None, "agent": {}, "weights_changed": None, "forgetting": None}
+        arm = {**headline(results), "weights_changed": None, "forgetting": None,
+               "checkpoints": [{"step": step, **headline(rs)} for step, rs in checkpoints.get(name, {}).items()]}
         for r in results:
-            if r["what"] == "wm":
-                arm["wm_accuracy"] = interval(r["k"], r["n"], r["ci95"])
-            elif r["what"] == "agent":
-                arm["agent"][f"{r['env']}/{r['split']}"] = interval(r["n_success"], r["n_episodes"], r["success_ci95"])
-            elif r["what"] == "weights":
+            if r["what"] == "weights":
                 arm["weights_changed"] = r["overall"]
             elif r["what"] == "forgetting":
                 arm["forgetting"] = {"nll": r["nll"], "nll_delta": None if start_nll is None else r["nll"] - start_nll,
@@ -862,6 +949,7 @@ def summary_tables(summary: dict, start_arm: str) -> str:
         return "–" if x is None else f"{pct(x['k'] / x['n']) if x['n'] else '–'} [{pct(x['ci95'][0])}, " \
                                      f"{pct(x['ci95'][1])}] ({x['k']}/{x['n']})"
     splits = sorted({key for arm in summary["runs"].values() for key in arm["agent"]})
+    pooled = len(splits) > 1   # the success the plot shows: every split pooled
     rows = []
     for name, arm in summary["runs"].items():
         f = arm["forgetting"]
@@ -869,9 +957,12 @@ def summary_tables(summary: dict, start_arm: str) -> str:
                                                           else f" ({f['nll_delta']:+.3f})")
         changed = arm["weights_changed"]
         rows.append([name, ci(arm["wm_accuracy"])] + [ci(arm["agent"].get(key)) for key in splits] +
-                    ["–" if changed is None else f"{100 * changed:.2f}", nll, ci(f and f["contains"])])
+                    ([ci(arm["success"])] if pooled else []) +
+                    [pct(arm["invalid_rate"]), "–" if changed is None else f"{100 * changed:.2f}", nll,
+                     ci(f and f["contains"])])
     header = ["arm", "WM accuracy"] + [f"{key} success" for key in splits] + \
-        ["params changed", f"probe NLL/token (Δ vs {start_arm})", "probe answers right"]
+        (["success, all splits"] if pooled else []) + \
+        ["invalid actions", "params changed", f"probe NLL/token (Δ vs {start_arm})", "probe answers right"]
     parts = ["### All arms (%, [95% Wilson interval], (k/n))\n\n" + md_table(header, rows)] if rows else []
     if table := forgetting_table(summary["runs"]):
         parts.append(table)
@@ -889,12 +980,19 @@ def report(s: Settings) -> str:
         raise SystemExit("--what report needs --runs name=eval_dir,... and/or --curves name=run_dir,...")
     out = Path(s.out_dir)
     save_config(s, out)
-    runs = {name: load_results(name, path) for name, path in parse_pairs(s.runs, "--runs")}
+    pairs = parse_pairs(s.runs, "--runs")
+    runs = {name: load_results(name, path) for name, path in pairs}
+    checkpoints = {name: load_checkpoints(name, path) for name, path in pairs}
     stages = stage_times(Path(s.stages)) if s.stages else {}
     # wall_s: the stages run one after another, so their sum is the pipeline's wall time (without the report)
-    summary = {"runs": summarize(runs, s.start_arm), "stages": stages, "wall_s": sum(stages.values())}
+    summary = {"runs": summarize(runs, s.start_arm, checkpoints), "stages": stages, "wall_s": sum(stages.values())}
     write_json(out / "summary.json", summary)
     parts = ["# RWML evaluation report", summary_tables(summary, s.start_arm)]
+    if plot_wm_vs_success(summary["runs"], out / "wm_vs_success.png"):
+        parts.append("### World-model accuracy vs task success\n\nEach arm with both numbers, with its 95% Wilson "
+                     "intervals both ways (success: every agent split pooled); a line runs through the earlier "
+                     "checkpoints of an arm evaluated with `--checkpoints all`, labelled by step, to the arm itself."
+                     "\n\n![world-model accuracy vs task success](wm_vs_success.png)")
     if s.curves:
         plot_curves({name: metrics_rows(path) for name, path in parse_pairs(s.curves, "--curves")},
                     out / "curves.png")

@@ -8,8 +8,8 @@
 #   --medium the larger miniature (~40 minutes on the same CPU): --quick's recipe with twice the games, four times the
 #            RWML steps and 400 held-out triples, for the world-model arms only (base, wm_sft, rwml); the effect
 #            that --quick is too small to resolve (README "Results").
-#   --all-arms  with --quick, also the arms beyond Table 1 (Early Experience IL/IWM/SR, GiGPO, ECHO); the paper
-#            setting always runs them.
+#   --all-arms  with --quick, also the arms beyond Table 1 (Early Experience IL/IWM/SR, GiGPO, ECHO, Dyna) and the
+#            world-model accuracy of the agent arms; the paper setting always runs them.
 #   --env    the paper's ALFWorld pipeline (default) or its τ²-bench one (paper settings only, not --quick).
 # Every stage writes DONE ("<seconds> s") into its folder when it finishes and is skipped on a rerun; a stage that
 # was killed continues from its own resume state (collect/filter/evaluate skip finished rows, training resumes its
@@ -76,6 +76,10 @@ if [ "$QUICK" = 1 ]; then
     COLLECT="$COLLECT --n-tasks 36"; HELDOUT="$HELDOUT --n-tasks 48"; EVAL="$EVAL --n-triples 400"
     RWML="$RWML --max-steps 32 --val-every 8"
   fi
+  # Dyna: RWML's quick shape on the policy step's transitions (4 prompts x G 16, 48 new tokens); a checkpoint after
+  # every step, so that the report draws its line through them
+  DYNA="--dyna-coef 1 --dyna-prompts 4 --dyna-group-size 16 --dyna-max-new-tokens 48 --save-every 1"
+  CHECKPOINTS=all
 elif [ "$ENV" = tau2 ]; then
   # ---- τ²-bench, the paper's setting (configs/tau2_*.json; README "The paper's setting", its τ² paragraph) -------
   OUT=${OUT:-runs/full_tau2}
@@ -89,6 +93,7 @@ elif [ "$ENV" = tau2 ]; then
   POLICY="--config configs/tau2_policy.json --user-model $SIM_B --env-workers 8"   # 200 GRPO steps
   EVAL="--env tau2 --agent-splits test --user-model $SIM_B --max-state-tokens 512 --n-workers 8 \
         --embedder Qwen/Qwen3-Embedding-8B $TABLE3"
+  CHECKPOINTS=last         # all: also each earlier kept checkpoint, one more agent evaluation per arm and checkpoint
 else
   # ---- The paper's setting (configs/alfworld_*.json; README "The paper's setting") ----------------------------
   OUT=${OUT:-runs/full}
@@ -102,6 +107,8 @@ else
   # the walkthrough (then alfworld's expert); 3 random admissible alternatives per state
   EXPERT="--config configs/alfworld_expert.json --n-workers 8"
   SR=""                    # rationales: --model at temperature 1.0, up to 256 tokens
+  DYNA="--dyna-coef 1"     # 32 of each step's transitions x G 8, the world-model loss at the policy loss's weight
+  CHECKPOINTS=last         # all: also each earlier kept checkpoint, one more agent evaluation per arm and checkpoint
 fi
 mkdir -p "$OUT"
 C="$OUT/collect"; H="$OUT/heldout"; T="$OUT/format"; F="$OUT/filter"; S="$OUT/wm_sft"; R="$OUT/rwml"
@@ -139,12 +146,14 @@ for arm in $POLICY_ARMS; do
     $POLICY $(resume_flag "$OUT/$arm")
 done
 # Policy objectives beyond GRPO (new here, not in the paper; README "Policy objectives beyond GRPO"): GiGPO's step
-# advantages from the start model and from RWML, ECHO's observation cross-entropy from the start model
-declare -A OBJ_FROM=([gigpo]="$START" [rwml_gigpo]="$R" [echo]="$START")
-declare -A OBJ_FLAGS=([gigpo]="--step-advantage gigpo" [rwml_gigpo]="--step-advantage gigpo" [echo]="--echo-coef 0.1")
-OBJ_ARMS="gigpo rwml_gigpo echo"
+# advantages from the start model and from RWML, ECHO's observation cross-entropy from the start model, Dyna (the
+# world-model GRPO loss on each step's own transitions, added to the policy's) from the start model
+declare -A OBJ_FROM=([gigpo]="$START" [rwml_gigpo]="$R" [echo]="$START" [dyna]="$START")
+declare -A OBJ_FLAGS=([gigpo]="--step-advantage gigpo" [rwml_gigpo]="--step-advantage gigpo" [echo]="--echo-coef 0.1"
+                      [dyna]="${DYNA:-}")
+OBJ_ARMS="gigpo rwml_gigpo echo dyna"
 [ "$ENV" = tau2 ] && OBJ_ARMS="gigpo rwml_gigpo"
-[ "$ALL_ARMS" = 1 ] || OBJ_ARMS=""   # ECHO marks observations in the text-game prompt, not in τ²'s
+[ "$ALL_ARMS" = 1 ] || OBJ_ARMS=""   # ECHO and Dyna read the text-game prompt and triples, not τ²'s
 for arm in $OBJ_ARMS; do
   stage "$arm" "$OUT/$arm" $LAUNCH train_rwml.py --task policy --model "${OBJ_FROM[$arm]}" --out-dir "$OUT/$arm" \
     $POLICY ${OBJ_FLAGS[$arm]} $(resume_flag "$OUT/$arm")
@@ -183,6 +192,14 @@ POLICY_RUNS=$(for a in $POLICY_ARMS; do printf '%s=%s,' "$a" "$OUT/$a"; done); P
 OBJ_RUNS=$(for a in $OBJ_ARMS; do printf '%s=%s,' "$a" "$OUT/$a"; done); OBJ_RUNS=${OBJ_RUNS%,}
 [ -n "$OBJ_RUNS" ] && stage eval_objectives "$OUT/eval_objectives" python evaluate.py --what arms --base "$START" \
   --evals agent,weights,forgetting --arms "$OBJ_RUNS" --out-dir "$E" $EVAL
+# World-model accuracy of the agent arms too (the report plots it against success), on the RWML prompt: every arm
+# whose world-model training, if any, used it (in the paper setting WM SFT and IWM learned the SFT prompt, so
+# WM SFT + policy and the Early Experience arms are left out there); with --checkpoints all also the WM accuracy and
+# success of each earlier checkpoint of these arms and of RWML (the report draws their lines)
+WM_ARMS="rwml=$R,policy=$OUT/policy,rwml_policy=$OUT/rwml_policy${OBJ_RUNS:+,$OBJ_RUNS}"
+[ "$SFT_WM_PROMPT" = rwml ] && WM_ARMS="$WM_ARMS,wm_sft_policy=$OUT/wm_sft_policy${EE_RUNS:+,$EE_RUNS}"
+[ "$ALL_ARMS" = 1 ] && stage eval_policy_wm "$OUT/eval_policy_wm" python evaluate.py --what arms --evals wm,agent \
+  --checkpoints "$CHECKPOINTS" --arms "$WM_ARMS" --triples "$WM_TRIPLES" --out-dir "$E" $EVAL
 TRAINED_RUNS="$POLICY_RUNS${EE_RUNS:+,$EE_RUNS}${OBJ_RUNS:+,$OBJ_RUNS}"; TRAINED_RUNS=${TRAINED_RUNS#,}
 python evaluate.py --what report --runs "base=$E/base,wm_sft=$E/wm_sft,rwml=$E/rwml${TRAINED_RUNS:+,${TRAINED_RUNS//$OUT\//$E/}}" \
   --curves "rwml=$R${POLICY_RUNS:+,$POLICY_RUNS}${OBJ_RUNS:+,$OBJ_RUNS}" \

@@ -33,8 +33,10 @@ diagnostics.py checks every step; alarms go to the console and to the "alarms" k
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -134,6 +136,16 @@ class Settings:
     echo_coef: float = common.flag(0.0, "--task policy: ECHO (arXiv 2605.24517): + coef x the mean NLL of the "
                                         "observation tokens in the step prompts, in the update's forward (prime-rl's "
                                         "default 0.1; 0 = off)")
+    dyna_coef: float = common.flag(0.0, "--task policy: Dyna-style RWML (new here, not in the paper): + C x the "
+                                        "world-model GRPO loss on the step's own fresh transitions, in the same update "
+                                        "(0 = off)")
+    dyna_schedule: str = common.flag("constant", "Dyna: when the world-model term is on: constant = every step; "
+                                     "every:K = every K-th step; linear = every step, its weight falling linearly "
+                                     "from C at the first step to C/steps at the last")
+    dyna_prompts: int = common.flag(32, "Dyna: world-model prompts per step over all ranks, a seeded sample of the "
+                                        "step's transitions (rollout.episode_triples: valid actions only)")
+    dyna_group_size: int = common.flag(8, "Dyna: G predictions per world-model prompt (RWML's G; paper: 8)")
+    dyna_max_new_tokens: int = common.flag(0, "Dyna: response cap of a prediction (0 = --max-new-tokens)")
     entropy_coef: float = common.flag(0.0, "entropy bonus (paper: 0 wm; 0.001 policy, configs/*_policy.json)")
     fused_loss: str = common.flag("auto", "compute the loss with the fused Triton kernel (kernels/grpo_loss.py): "
                                   "auto = on CUDA tensors; off = grpo_loss's PyTorch code (what an ablation edits)",
@@ -156,6 +168,8 @@ class Settings:
     drop_zero_var: bool = common.flag(False, "drop zero-variance groups from the batch (DAPO dynamic sampling)")
     # checkpoints
     save_every: int = common.flag(50, "steps between checkpoints (and one at the end)")
+    keep_checkpoints: int = common.flag(2, "newest checkpoints kept on disk (0 = all: evaluate.py --checkpoints all "
+                                           "evaluates each)")
 
 
 # The defaults are the paper's world-model settings; its policy RL stage differs in these three (8 tasks x 8
@@ -170,7 +184,7 @@ SAME_ON_RESUME = ("task", "model", "data", "max_prompt_tokens", "env", "split", 
                   "lora_alpha", "agg", "clip_low", "clip_high", "beta", "kl", "adv_scale", "entropy_coef", "embedder",
                   "embed_instruction", "tau_d", "tau_d_user", "reward_max_tokens", "reward_mode", "judge_model",
                   "tis_cap", "zero_var_std", "drop_zero_var", "step_advantage", "gigpo_gamma", "gigpo_weight",
-                  "echo_coef")
+                  "echo_coef", "dyna_coef", "dyna_schedule", "dyna_prompts", "dyna_group_size", "dyna_max_new_tokens")
 LOGP_TOL = 1e-3  # a log-prob above this is a bug (wrong normalisation or gather), not rounding
 
 
@@ -236,16 +250,22 @@ def stream(n: int, seed: int, start: int, count: int) -> list[int]:
     return [common.epoch_order(n, seed, pos // n)[pos % n] for pos in range(start, start + count)]
 
 
-def load_wm_data(path: str, tokenizer, max_prompt_tokens: int) -> tuple[list[dict], list[list[int]]]:
-    """Kept triples and their world-model prompt ids; prompts over max_prompt_tokens are skipped (a truncated
-    chat prompt loses the task and the intro), and the count is printed."""
-    rows = [r for r in common.read_jsonl(path, common.TRIPLE_KEYS) if r.get("kept", True)]
+def wm_prompts(rows: list[dict], tokenizer, max_prompt_tokens: int) -> tuple[list[dict], list[list[int]]]:
+    """The triples whose world-model (RWML) prompt fits max_prompt_tokens, and those prompts' ids: a longer prompt
+    is skipped, never truncated (a truncated chat prompt loses the task and the intro)."""
     kept, ids = [], []
     for row in rows:
         p = common.chat_ids(tokenizer, prompts.wm_messages(row))
         if len(p) <= max_prompt_tokens:
             kept.append(row)
             ids.append(p)
+    return kept, ids
+
+
+def load_wm_data(path: str, tokenizer, max_prompt_tokens: int) -> tuple[list[dict], list[list[int]]]:
+    """Kept triples and their world-model prompt ids (wm_prompts); the count of skipped ones is printed."""
+    rows = [r for r in common.read_jsonl(path, common.TRIPLE_KEYS) if r.get("kept", True)]
+    kept, ids = wm_prompts(rows, tokenizer, max_prompt_tokens)
     if len(kept) < len(rows):
         common.print0(f"{path}: skipped {len(rows) - len(kept)} of {len(rows)} triples whose prompt is longer than "
                       f"--max-prompt-tokens {max_prompt_tokens}")
@@ -257,9 +277,18 @@ def load_wm_data(path: str, tokenizer, max_prompt_tokens: int) -> tuple[list[dic
 # ----------------------------------------------------------------------------------------------------------
 # Sampling
 
+# sample_groups' generators are keyed by (seed, step, stream position); the held-out check and Dyna's world-model
+# samples shift the step by these, so that their keys never meet a training step's
+HELD_OUT_KEY, DYNA_KEY = 10**6, 2 * 10**6
+
+
+def seed_for(*key: int) -> int:
+    return int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0])
+
+
 def generator_for(device, *key: int) -> torch.Generator:
     g = torch.Generator(device=device)
-    g.manual_seed(int(np.random.SeedSequence([int(k) for k in key]).generate_state(1)[0]))
+    g.manual_seed(seed_for(*key))
     return g
 
 
@@ -287,6 +316,22 @@ class Rollouts:
     logs: dict[str, list]                # the task's lists for diagnostics.rollout_metrics (gathered over ranks)
     generate_s: float                    # seconds spent generating (the rest of the call is the reward)
     step_adv: list[list[float]] | None = None   # per member, per sample: GiGPO's step advantage (None = off)
+    episodes: list[dict] | None = None          # policy: the members' episodes (Dyna's transitions)
+
+
+def training_seqs(roll: Rollouts, s: Settings) -> tuple[list[dict], torch.Tensor]:
+    """-> (this rank's sequences to train on, [groups] zero-variance flags). Every sample of a member (its response,
+    its episode's steps) carries the member's group advantage; GiGPO adds ω x each step's own advantage
+    (gigpo_step_advantages); --drop-zero-var leaves groups without signal out (DAPO's dynamic sampling)."""
+    G = s.group_size
+    adv = group_advantages(roll.rewards, G, s.adv_scale)
+    zero_var = diagnostics.zero_variance_groups(roll.rewards, G, s.zero_var_std)
+    keep_group = ~zero_var if s.drop_zero_var else torch.ones_like(zero_var)
+    seqs = [{"prompt_ids": x.prompt_ids, "response_ids": x.response_ids, "logprobs": x.logprobs,
+             "adv": float(adv[i]) if roll.step_adv is None else float(adv[i]) + s.gigpo_weight * roll.step_adv[i][j],
+             **({"obs_span": x.obs_span} if s.echo_coef > 0 else {})}
+            for i, member in enumerate(roll.samples) if keep_group[i // G] for j, x in enumerate(member)]
+    return seqs, zero_var
 
 
 def make_reward(s: Settings):
@@ -335,7 +380,8 @@ def policy_rollouts(sampler, tokenizer, suite, idx: list[int], first: int, step:
         step_adv, anchored = gigpo_step_advantages([[st["obs"] for st in ep["steps"]] for ep in episodes],
                                                    step_rewards, s.group_size, s.gigpo_gamma, s.adv_scale)
         logs["anchored"] = [a for ep in anchored for a in ep]
-    return Rollouts([[st["sample"] for st in ep["steps"]] for ep in episodes], returns, logs, generate_s, step_adv)
+    return Rollouts([[st["sample"] for st in ep["steps"]] for ep in episodes], returns, logs, generate_s, step_adv,
+                    episodes)
 
 
 def gigpo_step_advantages(states: list[list[str]], step_rewards: list[list[float]], group_size: int, gamma: float,
@@ -369,9 +415,58 @@ def gigpo_step_advantages(states: list[list[str]], step_rewards: list[list[float
     return adv, anchored
 
 
+def dyna_settings(s: Settings) -> Settings:
+    """The settings Dyna's world-model part samples and trains with: the run's, with its own G and response cap,
+    and no ECHO (an observation term of the agent prompts)."""
+    return dataclasses.replace(s, group_size=s.dyna_group_size,
+                               max_new_tokens=s.dyna_max_new_tokens or s.max_new_tokens, echo_coef=0.0)
+
+
+def dyna_weight(s: Settings, step: int, total_steps: int) -> float:
+    """--dyna-schedule: the world-model term's weight at (0-based) step; 0 = no world-model part this step."""
+    if s.dyna_schedule == "constant":
+        return s.dyna_coef
+    if s.dyna_schedule == "linear":
+        return s.dyna_coef * (1 - step / total_steps)
+    return s.dyna_coef if (step + 1) % int(s.dyna_schedule.removeprefix("every:")) == 0 else 0.0
+
+
+def dyna_rollouts(sampler, tokenizer, reward_fn, episodes: list[dict], step: int, s: Settings,
+                  d: common.Dist) -> Rollouts:
+    """Dyna: the world-model task (wm_rollouts) on this step's own transitions: the triples of this rank's episodes
+    (rollout.episode_triples, as collect.py makes them; prompts over --max-prompt-tokens skipped), a seeded sample
+    of --dyna-prompts / world of them, each predicted G = --dyna-group-size times and rewarded as RWML's. s: the
+    Dyna settings (dyna_settings)."""
+    triples = [t for ep in episodes for t in rollout.episode_triples(ep, s.history)]
+    rows, ids = wm_prompts(triples, tokenizer, s.max_prompt_tokens)
+    n = s.dyna_prompts // d.world
+    first = d.rank * n      # Dyna's own stream positions, keyed apart from the policy's (DYNA_KEY)
+    pick = common.sample_rows(list(range(len(rows))), n, seed_for(s.seed, step, first))
+    if not pick:            # no valid action on this rank: nothing to predict (other ranks may still train)
+        return Rollouts([], torch.zeros(0), {"truths": []}, 0.0)
+    return wm_rollouts(sampler, tokenizer, reward_fn, rows, ids, pick, first, DYNA_KEY + step, s)
+
+
+def dyna_step(sampler, tokenizer, reward_fn, roll: Rollouts, step: int, weight: float, s: Settings,
+              d: common.Dist) -> tuple[list[dict], dict]:
+    """Dyna (--dyna-coef; new here, not in the paper): world-model rollouts on the policy step's fresh transitions
+    (dyna_rollouts), their group advantages -> (this rank's world-model sequences for grpo_update, which adds their
+    GRPO loss at `weight`; the step's metrics over all ranks: rollout_metrics' world-model numbers, the weight and
+    the prompts, each prefixed dyna_, and time_dyna, the seconds it took)."""
+    t0 = time.perf_counter()
+    ds = dyna_settings(s)
+    wm = dyna_rollouts(sampler, tokenizer, reward_fn, roll.episodes, step, ds, d)
+    seqs, zero_var = training_seqs(wm, ds)
+    every = gather_logs(d, wm, zero_var)
+    row = {"weight": weight, "prompts": len(every["truths"])}
+    if every["rewards"]:
+        row.update(diagnostics.rollout_metrics(every, ds.group_size, ds.drop_zero_var, ds.env))
+    return seqs, {**{f"dyna_{k}": v for k, v in row.items()}, "time_dyna": time.perf_counter() - t0}
+
+
 def wm_task(s: Settings, d: common.Dist, sampler, tokenizer):
-    """--task wm -> (items, rollouts(idx, first, step), validate(step) or None): the kept training triples (prompts
-    over --max-prompt-tokens skipped), the RWML reward, and the held-out accuracy check on --val-data."""
+    """--task wm -> (items, rollouts(idx, first, step), validate(step) or None, None): the kept training triples
+    (prompts over --max-prompt-tokens skipped), the RWML reward, and the held-out accuracy check on --val-data."""
     rows, prompt_ids = load_wm_data(s.data, tokenizer, s.max_prompt_tokens)
     reward_fn = make_reward(s)
     val_rows, val_ids = load_wm_data(s.val_data, tokenizer, s.max_prompt_tokens) if s.val_data else ([], [])
@@ -380,15 +475,18 @@ def wm_task(s: Settings, d: common.Dist, sampler, tokenizer):
         val_rows, val_ids = [val_rows[i] for i in keep], [val_ids[i] for i in keep]
     validate = functools.partial(evaluate_held_out, sampler, tokenizer, reward_fn, val_rows, val_ids, s, d) \
         if val_rows and s.val_every else None
-    return len(rows), functools.partial(wm_rollouts, sampler, tokenizer, reward_fn, rows, prompt_ids, s=s), validate
+    return (len(rows), functools.partial(wm_rollouts, sampler, tokenizer, reward_fn, rows, prompt_ids, s=s), validate,
+            None)
 
 
 def policy_task(s: Settings, d: common.Dist, sampler, tokenizer):
-    """--task policy -> (tasks, rollouts(idx, first, step), None): the env suite's tasks (--env, --split,
-    --task-type); no held-out check during training (evaluate.py --what agent measures success)."""
+    """--task policy -> (tasks, rollouts(idx, first, step), None, dyna(roll, step, weight) or None): the env suite's
+    tasks (--env, --split, --task-type); no held-out check during training (evaluate.py --what agent measures
+    success); with --dyna-coef, Dyna's world-model part (dyna_step) and the RWML reward it needs."""
     suite = rollout.make_suite(s.env, s.split, task_type=s.task_type, user_model=s.user_model or None,
                                device=d.device, n_workers=s.env_workers)
-    return len(suite.task_ids), functools.partial(policy_rollouts, sampler, tokenizer, suite, s=s, d=d), None
+    dyna = functools.partial(dyna_step, sampler, tokenizer, make_reward(s), s=s, d=d) if s.dyna_coef else None
+    return len(suite.task_ids), functools.partial(policy_rollouts, sampler, tokenizer, suite, s=s, d=d), None, dyna
 
 
 def evaluate_held_out(sampler, tokenizer, reward_fn, rows: list[dict], ids: list[list[int]], s: Settings,
@@ -396,7 +494,7 @@ def evaluate_held_out(sampler, tokenizer, reward_fn, rows: list[dict], ids: list
     """--task wm: mean reward of one sample per held-out triple (greedy by default); ranks take contiguous shards."""
     lo, hi = d.rank * len(rows) // d.world, (d.rank + 1) * len(rows) // d.world
     keys = list(range(lo, hi))
-    samples = sample_groups(sampler, tokenizer, ids[lo:hi], keys, s, 10**6 + step, 1, s.val_temperature,
+    samples = sample_groups(sampler, tokenizer, ids[lo:hi], keys, s, HELD_OUT_KEY + step, 1, s.val_temperature,
                             s.gen_chunk * s.group_size) if hi > lo else []
     hits = float(reward_fn(samples, rows[lo:hi]).sum()) if samples else 0.0
     total, count = all_sum(d, hits, hi - lo)
@@ -574,75 +672,106 @@ def micro_batch_logprobs(model_logprobs, mb: dict, temperature: float, with_entr
 PAD_SEQ = {"prompt_ids": [0], "response_ids": [0], "logprobs": [0.0], "adv": 0.0, "obs_span": (0, 0)}
 
 
+@dataclass
+class LossPart:
+    """One objective of the update over its own sequences: the policy's GRPO loss, or Dyna's world-model one. Each
+    is normalised over its own tokens and sequences (grpo_loss); their weighted sum is what the optimizer steps on."""
+    seqs: list[dict]
+    weight: float
+    s: Settings
+    prefix: str = ""   # of its keys in the returned stats
+
+    def prepare(self, d: common.Dist, pad_id: int) -> None:
+        self.batches = micro_batches(self.seqs, self.s, d, pad_id)
+        self.n_tok, self.n_seq, self.n_obs = all_sum(
+            d, sum(len(q["response_ids"]) for q in self.seqs), len(self.seqs),
+            sum(q["obs_span"][1] - q["obs_span"][0] for q in self.seqs if self.s.echo_coef > 0))
+        self.sums = Counter()   # token-weighted stats of this rank
+        self.agree_max, self.loss = 0.0, 0.0
+
+
 def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, optimizer, scheduler, s: Settings,
-                d: common.Dist, pad_id: int) -> dict:
-    """ppo_epochs optimizer steps on seqs (this rank's share). Returns global stats; "nonfinite" = skipped."""
-    batches = micro_batches(seqs, s, d, pad_id)
-    n_tok, n_seq, n_obs = all_sum(d, sum(len(q["response_ids"]) for q in seqs), len(seqs),
-                                  sum(q["obs_span"][1] - q["obs_span"][0] for q in seqs if s.echo_coef > 0))
-    echo = n_obs > 0   # ECHO's term: --echo-coef > 0 and observation tokens in the step
-    if n_tok == 0:  # every group dropped on every rank
+                d: common.Dist, pad_id: int, dyna: tuple[list[dict], float] | None = None) -> dict:
+    """ppo_epochs optimizer steps on seqs (this rank's share). Returns global stats; "nonfinite" = skipped.
+    dyna (Dyna, --dyna-coef): (this rank's world-model sequences, their weight w): each optimizer step descends
+    the policy loss + w x the world-model GRPO loss (under dyna_settings: no ECHO), each normalised over its own
+    sequences, their gradients accumulated into one step; that part's stats come back as dyna_* ("dyna_loss": its
+    loss without w). Every rank passes dyna on the same steps (the schedule is global)."""
+    parts = [LossPart(seqs, 1.0, s)] + ([LossPart(dyna[0], dyna[1], dyna_settings(s), "dyna_")] if dyna else [])
+    for part in parts:
+        part.prepare(d, pad_id)
+    parts = [part for part in parts if part.n_tok > 0]   # a part empty on every rank (all groups dropped) is left out
+    if not parts:
         return {"skipped": "empty batch"}
-    sums = Counter()   # token-weighted stats of this rank
-    agree_max, nonfinite, epochs_run = 0.0, False, 0
+    nonfinite, epochs_run = False, 0
     for epoch in range(s.ppo_epochs):
         epochs_run += 1
-        loss_total = 0.0
-        for mb in batches:
-            mask = mb["mask"]
-            logp, ent, obs_logp = micro_batch_logprobs(policy_logprobs, mb, s.temperature,
-                                                       with_entropy=epoch == 0 or s.entropy_coef > 0, observations=echo)
-            if epoch == 0:
-                mb["old"] = logp.detach()
-                if reference_logprobs is not None:
-                    with torch.no_grad():
-                        mb["ref"] = micro_batch_logprobs(reference_logprobs, mb, s.temperature)[0]
-            w = mb["weight"]
-            if epoch == 0:  # before any update: does the trainer see what the sampler sampled?
-                diff = (mb["old"] - mb["rollout"]).abs()[mask]
-                sums["agree"] += float(diff.sum()) * w
-                agree_max = max(agree_max, float(diff.max()) * w)
-                top = max(float(mb["old"][mask].max()), float(mb["rollout"][mask].max()))
-                if top > LOGP_TOL:   # stop before any update (under torchrun the launcher ends the other ranks)
-                    raise RuntimeError(f"a log-prob is above zero ({top:.4g}): the sampler's or the trainer's "
-                                       f"log-probs are not normalised; this step's data cannot be trusted")
-                sums["entropy"] += float(ent.detach()[mask].sum()) * w
-                if s.tis_cap > 0:
-                    mb["isw"] = diagnostics.tis_weights(mb["old"], mb["rollout"], mask, s.tis_cap)
-                    sums["tis_weight"] += float(mb["isw"][mask].sum()) * w
-                    sums["tis_capped"] += float((mb["isw"][mask] >= s.tis_cap).sum()) * w
-            loss, mb_sums = grpo_loss(logp, ent, mb, s, n_tok, n_seq, d.world, obs_logp, n_obs)
-            loss.backward()
-            loss_total += loss.item() / d.world
-            for k, v in mb_sums.items():
-                sums[k] += float(v) * w
+        for part in parts:
+            part.loss = 0.0
+            ps, sums, echo = part.s, part.sums, part.n_obs > 0   # ECHO's term: --echo-coef > 0 and observation tokens
+            for mb in part.batches:
+                mask = mb["mask"]
+                logp, ent, obs_logp = micro_batch_logprobs(policy_logprobs, mb, ps.temperature,
+                                                           with_entropy=epoch == 0 or ps.entropy_coef > 0,
+                                                           observations=echo)
+                if epoch == 0:
+                    mb["old"] = logp.detach()
+                    if reference_logprobs is not None:
+                        with torch.no_grad():
+                            mb["ref"] = micro_batch_logprobs(reference_logprobs, mb, ps.temperature)[0]
+                w = mb["weight"]
+                if epoch == 0:  # before any update: does the trainer see what the sampler sampled?
+                    diff = (mb["old"] - mb["rollout"]).abs()[mask]
+                    sums["agree"] += float(diff.sum()) * w
+                    part.agree_max = max(part.agree_max, float(diff.max()) * w)
+                    top = max(float(mb["old"][mask].max()), float(mb["rollout"][mask].max()))
+                    if top > LOGP_TOL:   # stop before any update (under torchrun the launcher ends the other ranks)
+                        raise RuntimeError(f"a log-prob is above zero ({top:.4g}): the sampler's or the trainer's "
+                                           f"log-probs are not normalised; this step's data cannot be trusted")
+                    sums["entropy"] += float(ent.detach()[mask].sum()) * w
+                    if ps.tis_cap > 0:
+                        mb["isw"] = diagnostics.tis_weights(mb["old"], mb["rollout"], mask, ps.tis_cap)
+                        sums["tis_weight"] += float(mb["isw"][mask].sum()) * w
+                        sums["tis_capped"] += float((mb["isw"][mask] >= ps.tis_cap).sum()) * w
+                loss, mb_sums = grpo_loss(logp, ent, mb, ps, part.n_tok, part.n_seq, d.world, obs_logp, part.n_obs)
+                (part.weight * loss).backward()
+                part.loss += loss.item() / d.world
+                for k, v in mb_sums.items():
+                    sums[k] += float(v) * w
+            (part.loss,) = all_sum(d, part.loss)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip > 0 else math.inf)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        (loss_total,) = all_sum(d, loss_total)
-        if not (math.isfinite(loss_total) and math.isfinite(grad_norm)):
+        if not (all(math.isfinite(part.loss) for part in parts) and math.isfinite(grad_norm)):
             nonfinite = True       # every rank sees the same global numbers, so all skip together
             optimizer.zero_grad(set_to_none=True)
             break
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+    stats = {part.prefix + k: v for part in parts
+             for k, v in part_stats(part, epochs_run, reference_logprobs is not None, d).items()}
+    return {**stats, "grad_norm": grad_norm, "nonfinite": nonfinite}
+
+
+def part_stats(part: LossPart, epochs_run: int, kl: bool, d: common.Dist) -> dict:
+    """The logged numbers of one LossPart after the update: its loss (the last epoch's), sampler/trainer agreement,
+    entropy, sizes, clip fractions and ratio, and KL, ECHO's NLL and TIS where they apply."""
     keys = ("agree", "entropy", "tis_weight", "tis_capped", "kl_sum", "clipped_low", "clipped_high", "ratio_sum",
             "echo_nll_sum")
-    totals = dict(zip(keys, all_sum(d, *(sums[k] for k in keys))))
-    (agree_max,) = all_max(d, agree_max)
-    n_updates = epochs_run * n_tok
-    computed, real = all_sum(d, sum(mb["computed"] for mb in batches), sum(mb["real"] for mb in batches))
-    stats = {"loss": loss_total, "grad_norm": grad_norm, "nonfinite": nonfinite,
-             "agree_mean": totals["agree"] / n_tok, "agree_max": agree_max, "entropy": totals["entropy"] / n_tok,
-             "train_seqs": int(n_seq), "train_tokens": int(n_tok), "train_tokens_computed": int(computed),
-             "pad_frac": 1.0 - real / computed,
+    totals = dict(zip(keys, all_sum(d, *(part.sums[k] for k in keys))))
+    (agree_max,) = all_max(d, part.agree_max)
+    n_tok, n_updates = part.n_tok, epochs_run * part.n_tok
+    computed, real = all_sum(d, sum(mb["computed"] for mb in part.batches), sum(mb["real"] for mb in part.batches))
+    stats = {"loss": part.loss, "agree_mean": totals["agree"] / n_tok, "agree_max": agree_max,
+             "entropy": totals["entropy"] / n_tok, "train_seqs": int(part.n_seq), "train_tokens": int(n_tok),
+             "train_tokens_computed": int(computed), "pad_frac": 1.0 - real / computed,
              "clip_frac_low": totals["clipped_low"] / n_updates, "clip_frac_high": totals["clipped_high"] / n_updates,
              "ratio_mean": totals["ratio_sum"] / n_updates}
-    if reference_logprobs is not None:
+    if kl:
         stats["kl"] = totals["kl_sum"] / n_updates
-    if echo:   # the mean over the epochs' forwards (the first one's alone with --ppo-epochs 1)
-        stats["echo_nll"] = totals["echo_nll_sum"] / (epochs_run * n_obs)
-    if s.tis_cap > 0:
+    if part.n_obs > 0:   # ECHO: the mean over the epochs' forwards (the first one's alone with --ppo-epochs 1)
+        stats["echo_nll"] = totals["echo_nll_sum"] / (epochs_run * part.n_obs)
+    if part.s.tis_cap > 0:
         stats["tis_weight_mean"] = totals["tis_weight"] / n_tok
         stats["tis_capped_frac"] = totals["tis_capped"] / n_tok
     return stats
@@ -672,8 +801,29 @@ def check_settings(s: Settings, d: common.Dist) -> None:
     if s.echo_coef and s.env == "tau2":
         raise SystemExit(f"--echo-coef {s.echo_coef}: ECHO marks the observation in the text-game agent prompt; a τ² "
                          "agent's prompt is τ²'s own conversation, which carries no such mark")
+    if s.dyna_coef:
+        check_dyna(s, d)
     if s.tis_cap and s.tis_cap < 1:
         raise SystemExit(f"--tis-cap {s.tis_cap}: the cap must be >= 1 (or 0 = off)")
+
+
+def check_dyna(s: Settings, d: common.Dist) -> None:
+    """Dyna's settings: policy RL on a text game, a schedule it knows, prompts that split over the ranks."""
+    if s.task != "policy":
+        raise SystemExit(f"--dyna-coef {s.dyna_coef} is for --task policy (the world-model task on the policy's own "
+                         "transitions); --task wm is RWML alone")
+    if s.env == "tau2":
+        raise SystemExit(f"--dyna-coef {s.dyna_coef}: text games only. A τ² world-model prompt needs the collect "
+                         "stage's history (5 turns; the policy's --history is the text-game agent's) and 5-8k tokens "
+                         "each (--max-prompt-tokens)")
+    if s.dyna_coef < 0:
+        raise SystemExit(f"--dyna-coef {s.dyna_coef} must be >= 0 (a weight on the world-model loss)")
+    if not re.fullmatch(r"constant|linear|every:[1-9][0-9]*", s.dyna_schedule):
+        raise SystemExit(f"--dyna-schedule {s.dyna_schedule!r}: expected constant, linear or every:K (K >= 1)")
+    if s.dyna_prompts < d.world or s.dyna_prompts % d.world:
+        raise SystemExit(f"--dyna-prompts {s.dyna_prompts} must be a positive multiple of the world size {d.world}")
+    if s.dyna_group_size < 2:
+        raise SystemExit(f"--dyna-group-size {s.dyna_group_size}: a group advantage needs G >= 2")
 
 
 def resume(s: Settings, ckpt_root: Path, checkpoint_model, sampler, policy, optimizer, scheduler) -> dict:
@@ -740,7 +890,7 @@ def main(argv: list[str] | None = None) -> Path:
     P, G = s.prompts_per_step, s.group_size
 
     # the task: its items (triples or env tasks) and what one step plays on them
-    n_items, rollouts, validate = (wm_task if s.task == "wm" else policy_task)(s, d, sampler, tokenizer)
+    n_items, rollouts, validate, dyna = (wm_task if s.task == "wm" else policy_task)(s, d, sampler, tokenizer)
     total_steps = s.max_steps or int(s.epochs * n_items // P)
     if total_steps < 1:
         raise SystemExit(f"no training steps: {n_items} items, {P} per step, --epochs {s.epochs}")
@@ -760,27 +910,22 @@ def main(argv: list[str] | None = None) -> Path:
         # 1. generate and reward: G responses (wm) or G episodes (policy) per item, one reward each
         roll = rollouts(stream(n_items, s.seed, first, P // d.world), first, step)
         t_gen = t0 + roll.generate_s
-        # 2. group advantages: every sample of a member (its response, its episode's steps) carries the member's;
-        #    GiGPO adds ω x each step's own advantage (gigpo_step_advantages)
-        adv = group_advantages(roll.rewards, G, s.adv_scale)
-        zero_var = diagnostics.zero_variance_groups(roll.rewards, G, s.zero_var_std)
-        keep_group = ~zero_var if s.drop_zero_var else torch.ones_like(zero_var)   # DAPO's dynamic sampling
-        seqs = [{"prompt_ids": x.prompt_ids, "response_ids": x.response_ids, "logprobs": x.logprobs,
-                 "adv": float(adv[i]) if roll.step_adv is None else
-                 float(adv[i]) + s.gigpo_weight * roll.step_adv[i][j],
-                **({"obs_span": x.obs_span} if s.echo_coef > 0 else {})}
-                for i, member in enumerate(roll.samples) if keep_group[i // G] for j, x in enumerate(member)]
+        # 2. group advantages: each sample trains with its member's (training_seqs). Dyna (--dyna-coef): the
+        #    world-model task on this step's own transitions, its loss added to the update's at weight w
+        seqs, zero_var = training_seqs(roll, s)
+        w = dyna_weight(s, step, total_steps) if dyna else 0.0
+        wm_seqs, wm_row = dyna(roll, step, w) if w else (None, {})
         t_score = time.perf_counter()
         # 3. update: ppo_epochs optimizer steps of the GRPO loss, then the sampler takes the new weights
         lr = scheduler.get_last_lr()[0]
         train = grpo_update(seqs, policy_logprobs, reference_logprobs, params, optimizer, scheduler, s, d,
-                            tokenizer.pad_token_id)
+                            tokenizer.pad_token_id, (wm_seqs, w) if w else None)
         common.sync_weights(sampler, policy)
         t_train = time.perf_counter()
         # 4. log: the rollouts over all ranks, the update's stats (agreement, TIS), alarms, held-out accuracy
         row = {"step": step + 1, "epoch": round((step + 1) * P / n_items, 4),
                **diagnostics.rollout_metrics(gather_logs(d, roll, zero_var), G, s.drop_zero_var, s.env),
-               **count_nonfinite(state, train, step, d), "lr": lr}
+               **count_nonfinite(state, train, step, d), **wm_row, "lr": lr}
         row["alarms"] = diagnostics.step_alarms(row, state)
         t_diag = time.perf_counter() - t_train
         if validate and ((step + 1) % s.val_every == 0 or step + 1 == total_steps):
@@ -800,6 +945,7 @@ def main(argv: list[str] | None = None) -> Path:
         if (step + 1) % s.save_every == 0 or step + 1 == total_steps:
             common.save_checkpoint(ckpt_root, step + 1, checkpoint_model, tokenizer, optimizer, scheduler,
                                    extra={**state, "data_pos": (step + 1) * P},
+                                   keep=s.keep_checkpoints or total_steps,
                                    lora_scaling=s.lora_alpha / s.lora_rank if s.lora_rank else None)
 
     # The last checkpoint is the trained model (HF format: common.load_model, evaluate.py, policy RL take it).

@@ -149,50 +149,62 @@ def observation_nll(lm, seq: dict) -> torch.Tensor:
     return -logq.gather(1, ids[1:, None]).squeeze(1)[a - 1:b - 1]
 
 
-def reference_update(lm, ref, seqs: list[dict], s: train_rwml.Settings,
-                     echo_nll: list | None = None) -> dict[str, torch.Tensor]:
+def reference_update(lm, ref, seqs: list[dict], s: train_rwml.Settings, echo_nll: list | None = None,
+                     dyna: tuple[list[dict], float] | None = None,
+                     losses: list | None = None) -> dict[str, torch.Tensor]:
     """The GRPO objective written out on the whole batch: per token
         -min(r A, clip(r, 1 - clip_low, 1 + clip_high) A) * w  +  beta * (exp(ref - logp) - (ref - logp) - 1)
     with r = pi / pi_old, w = min(pi_old / pi_rollout, tis_cap) (1 without TIS), averaged over all response tokens
     of the batch, + echo_coef x the mean NLL of every sequence's observation tokens (ECHO; each epoch's value is
-    appended to echo_nll); ppo_epochs steps of SGD. -> the parameters after them."""
+    appended to echo_nll); with dyna = (world-model seqs, weight), + weight x the same GRPO objective averaged over
+    the world-model seqs' own tokens (each epoch's pair of GRPO losses is appended to losses); ppo_epochs steps of
+    SGD. -> the parameters after them."""
     lm = copy.deepcopy(lm)
     params = [p for p in lm.parameters() if p.requires_grad]
+    parts = [(seqs, 1.0)] + ([dyna] if dyna else [])
     with torch.no_grad():
-        old = [response_logprobs(lm, q) for q in seqs]
-        ref_lp = [response_logprobs(ref, q) for q in seqs]
-    n_tok = sum(len(q["response_ids"]) for q in seqs)
+        old = [[response_logprobs(lm, q) for q in part] for part, _ in parts]
+        ref_lp = [[response_logprobs(ref, q) for q in part] for part, _ in parts]
     for _ in range(s.ppo_epochs):
-        loss = 0.0
-        for q, o, rl in zip(seqs, old, ref_lp):
-            logp = response_logprobs(lm, q)
-            ratio = torch.exp(logp - o)
-            a = q["adv"]
-            pg = -torch.minimum(ratio * a, ratio.clamp(1 - s.clip_low, 1 + s.clip_high) * a)
-            if s.tis_cap > 0:
-                pg = pg * torch.exp(o - torch.tensor(q["logprobs"])).clamp(max=s.tis_cap)
-            kl = torch.exp(rl - logp) - (rl - logp) - 1
-            loss = loss + (pg + s.beta * kl).sum()
-        loss = loss / n_tok
+        total, epoch_losses = 0.0, []
+        for (part, weight), part_old, part_ref in zip(parts, old, ref_lp):
+            loss = 0.0
+            for q, o, rl in zip(part, part_old, part_ref):
+                logp = response_logprobs(lm, q)
+                ratio = torch.exp(logp - o)
+                a = q["adv"]
+                pg = -torch.minimum(ratio * a, ratio.clamp(1 - s.clip_low, 1 + s.clip_high) * a)
+                if s.tis_cap > 0:
+                    pg = pg * torch.exp(o - torch.tensor(q["logprobs"])).clamp(max=s.tis_cap)
+                kl = torch.exp(rl - logp) - (rl - logp) - 1
+                loss = loss + (pg + s.beta * kl).sum()
+            loss = loss / sum(len(q["response_ids"]) for q in part)
+            epoch_losses.append(float(loss.detach()))
+            total = total + weight * loss
+        if losses is not None:
+            losses.append(epoch_losses)
         if s.echo_coef:
             nll = torch.cat([observation_nll(lm, q) for q in seqs]).mean()
-            loss = loss + s.echo_coef * nll
+            total = total + s.echo_coef * nll
             if echo_nll is not None:
                 echo_nll.append(float(nll))
-        grads = torch.autograd.grad(loss, params)
+        grads = torch.autograd.grad(total, params)
         with torch.no_grad():
             for p, g in zip(params, grads):
                 p.sub_(s.lr * g)
     return {n: p.detach().clone() for n, p in lm.named_parameters()}
 
 
-def run_grpo_update(lm, ref, seqs: list[dict], s: train_rwml.Settings, d: common.Dist) -> dict:
-    """train_rwml.grpo_update with SGD on this rank's seqs (lm wrapped by common.wrap_for_training beforehand)."""
+def run_grpo_update(lm, ref, seqs: list[dict], s: train_rwml.Settings, d: common.Dist,
+                    dyna: tuple[list[dict], float] | None = None) -> dict:
+    """train_rwml.grpo_update with SGD on this rank's seqs (lm wrapped by common.wrap_for_training beforehand;
+    dyna: Dyna's world-model seqs and their weight)."""
     policy_logprobs = lm if isinstance(lm, common.TokenLogprobs) else common.wrap_for_training(lm, d)
     params = [p for p in policy_logprobs.lm.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=s.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
-    return train_rwml.grpo_update(seqs, policy_logprobs, common.TokenLogprobs(ref), params, opt, sched, s, d, pad_id=0)
+    return train_rwml.grpo_update(seqs, policy_logprobs, common.TokenLogprobs(ref), params, opt, sched, s, d, pad_id=0,
+                                  dyna=dyna)
 
 
 def main(out: str) -> None:

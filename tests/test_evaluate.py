@@ -528,7 +528,7 @@ def test_summary_json_and_report_table(tmp_path):
     write_results(runs / "rwml" / "forgetting", forgetting(2.25, 28))
     write_results(runs / "rwml" / "weights", {"what": "weights", "model": "m", "base": "b",
                                                **weight_change(BASE, TUNED)})
-    write_results(runs / "rwml" / "alfworld_valid_seen", agent_result("alfworld", "valid_seen", 3, 10))
+    write_results(runs / "rwml" / "alfworld_valid_seen", agent_result("alfworld", "valid_seen", 3, 10, invalid=0.5))
     write_results(runs / "rwml" / "alfworld_valid_unseen", agent_result("alfworld", "valid_unseen", 2, 8))
     pipeline = tmp_path / "run"
     for stage, sec in (("collect", 120), ("rwml", 300), ("eval", 95)):
@@ -543,23 +543,119 @@ def test_summary_json_and_report_table(tmp_path):
     assert summary["runs"]["base"] == {
         "wm_accuracy": {"k": 60, "n": 200, "ci95": list(wilson_interval(60, 200))},
         "agent": {"alfworld/valid_seen": {"k": 1, "n": 10, "ci95": list(wilson_interval(1, 10))}},
+        "success": {"k": 1, "n": 10, "ci95": list(wilson_interval(1, 10))}, "invalid_rate": 0.25,
         "weights_changed": None,
         "forgetting": {"nll": 2.0, "nll_delta": 0.0, "n_tokens": 500,
-                       "contains": {"k": 30, "n": 60, "ci95": list(wilson_interval(30, 60))}, "lm_eval": {}}}
+                       "contains": {"k": 30, "n": 60, "ci95": list(wilson_interval(30, 60))}, "lm_eval": {}},
+        "checkpoints": []}
     rwml = summary["runs"]["rwml"]
     assert rwml["weights_changed"] == 5 / 14 and rwml["forgetting"]["nll_delta"] == 0.25
     assert set(rwml["agent"]) == {"alfworld/valid_seen", "alfworld/valid_unseen"}
     assert rwml["agent"]["alfworld/valid_unseen"]["k"] == 2 and rwml["wm_accuracy"]["k"] == 90
-    # one table, every arm: WM accuracy, success per split, params changed, probe NLL (change), probe answers
-    assert "| arm | WM accuracy | alfworld/valid_seen success | alfworld/valid_unseen success | params changed |" in text
+    # pooled over the splits: 5 of 18 episodes; invalid steps 0.5 x 100 + 0.25 x 80 of 180
+    assert rwml["success"] == {"k": 5, "n": 18, "ci95": list(wilson_interval(5, 18))}
+    assert rwml["invalid_rate"] == pytest.approx(70 / 180)
+    # one table, every arm: WM accuracy, success per split and pooled, invalid actions, params changed, probe NLL
+    # (change), probe answers
+    assert ("| arm | WM accuracy | alfworld/valid_seen success | alfworld/valid_unseen success | success, all splits "
+            "| invalid actions | params changed |") in text
     lo, hi = wilson_interval(90, 200)
     assert f"| rwml | 45.0 [{pct(lo)}, {pct(hi)}] (90/200) | 30.0 [" in text
-    assert "| 35.71 | 2.250 (+0.250) | 46.7 [" in text and "| base | 30.0 [" in text and "| – | 2.000 | 50.0 [" in text
+    assert "(5/18) | 38.9 | 35.71 | 2.250 (+0.250) | 46.7 [" in text and "| base | 30.0 [" in text
+    assert "(1/10) | 25.0 | – | 2.000 | 50.0 [" in text
     assert "| **total** | 515 |" in text and text.index("### All arms") < text.index("### Stage times")
     (pipeline / "eval" / "DONE").write_text("done\n")
     with pytest.raises(SystemExit, match=r"eval/DONE: expected '<seconds> s'"):
         evaluate.main(["--what", "report", "--runs", f"base={runs / 'base'}", "--stages", str(pipeline),
                        "--out-dir", str(out)])
+
+
+def wm_result(k, n):
+    return {"what": "wm", "model": "m", "triples": "t.jsonl", "n": n, "k": k, "ci95": list(wilson_interval(k, n)),
+            "accuracy": k / n, "missing_rate": 0.0, "by_env": {}, "by_next_kind": {}}
+
+
+def test_report_one_table_and_the_wm_vs_success_plot_with_checkpoint_lines(tmp_path, monkeypatch):
+    """Every arm in the one table; the plot has a point per arm with both numbers (policy has no WM accuracy: none),
+    and dyna's evaluated checkpoints (written out of order) form its line in step order, ending at dyna itself;
+    summary.json holds those checkpoint points. Checkpoint results never count as the arm's own."""
+    import matplotlib.figure
+    runs = tmp_path / "eval"
+    for arm, wm, wins in (("base", (60, 200), 1), ("rwml", (90, 200), 2), ("policy", None, 3), ("dyna", (100, 200), 5)):
+        if wm:
+            write_results(runs / arm / "wm", wm_result(*wm))
+        write_results(runs / arm / "twx_test", agent_result("twx", "test", wins, 16))
+    for step, wm, wins in ((10, 95, 4), (2, 70, 2)):
+        write_results(runs / "dyna" / "checkpoints" / f"step_{step:06d}" / "wm", wm_result(wm, 200))
+        write_results(runs / "dyna" / "checkpoints" / f"step_{step:06d}" / "twx_test",
+                      agent_result("twx", "test", wins, 16, invalid=0.5))
+    figures = []
+    savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, path, **kw: figures.append((Path(path).name, fig)) or savefig(fig, path, **kw))
+    out = tmp_path / "report"
+    text = evaluate.main(["--what", "report", "--runs", ",".join(f"{a}={runs / a}" for a in ("base", "rwml", "policy",
+                                                                                              "dyna")),
+                          "--out-dir", str(out)])
+    table = text[text.index("### All arms"):text.index("### World-model accuracy vs task success")]
+    assert "| arm | WM accuracy | twx/test success | invalid actions | params changed |" in table
+    for arm in ("base", "rwml", "policy", "dyna"):
+        assert f"| {arm} |" in table
+    assert "| policy | – | 18.8 [" in table and "(5/16) | 25.0 |" in table
+    summary = json.loads((out / "summary.json").read_text())["runs"]
+    assert [c["step"] for c in summary["dyna"]["checkpoints"]] == [2, 10] and summary["rwml"]["checkpoints"] == []
+    assert summary["dyna"]["checkpoints"][0] == {
+        "step": 2, "wm_accuracy": {"k": 70, "n": 200, "ci95": list(wilson_interval(70, 200))},
+        "agent": {"twx/test": {"k": 2, "n": 16, "ci95": list(wilson_interval(2, 16))}},
+        "success": {"k": 2, "n": 16, "ci95": list(wilson_interval(2, 16))}, "invalid_rate": 0.5}
+    assert summary["dyna"]["success"]["k"] == 5 and summary["dyna"]["wm_accuracy"]["k"] == 100
+    assert "(wm_vs_success.png)" in text and (out / "wm_vs_success.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (ax,) = dict(figures)["wm_vs_success.png"].axes
+    handles, labels = ax.get_legend_handles_labels()
+    assert sorted(labels) == ["base", "dyna", "dyna (checkpoints)", "rwml"]
+    line = next(h for h, label in zip(handles, labels) if label == "dyna (checkpoints)")
+    assert line.get_xydata().tolist() == [[35.0, 12.5], [47.5, 25.0], [50.0, 31.25]]
+    point, _, (xbar, ybar) = handles[labels.index("rwml")].lines   # 45% [lo, hi] of WM accuracy, 2/16 success
+    assert point.get_xydata().tolist() == [[45.0, 12.5]]
+    (lo, hi), (slo, shi) = wilson_interval(90, 200), wilson_interval(2, 16)
+    assert xbar.get_segments()[0].ravel().tolist() == pytest.approx([100 * lo, 12.5, 100 * hi, 12.5])
+    assert ybar.get_segments()[0].ravel().tolist() == pytest.approx([45.0, 100 * slo, 45.0, 100 * shi])
+
+
+def test_arms_checkpoints_all_evaluates_each_earlier_checkpoint(tmp_path, monkeypatch):
+    """--checkpoints all on a training run dir with three checkpoints: the run (its newest checkpoint) as the arm,
+    and steps 1 and 2 each evaluated once for WM accuracy and agent success into checkpoints/step_N/; a rerun
+    loads nothing; the report draws them."""
+    monkeypatch.setattr(evaluate, "make_reward", no_reward)
+    many_triples(tmp_path / "t.jsonl", 6)
+    run = tmp_path / "dyna_run"
+    model, tok = common.load_model("tiny")
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            model.model.layers[0].self_attn.q_proj.weight.mul_(1.5)
+        common.save_checkpoint(run / "ckpt", step, model, tok, keep=3)
+    loads = []
+    real_load = evaluate.load_model
+    monkeypatch.setattr(evaluate, "load_model", lambda name, *a, **k: loads.append(name) or real_load(name, *a, **k))
+    out = tmp_path / "eval"
+    argv = ["--what", "arms", "--arms", f"dyna={run}", "--evals", "wm,agent", "--checkpoints", "all", "--triples",
+            str(tmp_path / "t.jsonl"), "--n-triples", "4", "--env", "twx", "--agent-splits", "test", "--n-tasks", "1",
+            "--max-env-steps", "1", "--max-new-tokens", "4", "--greedy", "--out-dir", str(out)]
+    got = evaluate.main(argv)["dyna"]
+    steps = [run / "ckpt" / f"step_00000{i}" for i in (1, 2)]
+    assert loads == [str(run)] + [str(p) for p in steps]
+    assert set(got) == {"wm", "twx/test"} | {f"checkpoints/{p.name}/{e}" for p in steps for e in ("wm", "twx/test")}
+    for p in steps:
+        for folder, key in (("wm", "wm"), ("twx_test", "twx/test")):
+            result = json.loads((out / "dyna" / "checkpoints" / p.name / folder / "results.json").read_text())
+            assert result == got[f"checkpoints/{p.name}/{key}"] and result["model"] == str(p)
+    assert got["twx/test"]["model"] == str(run) and not (out / "dyna" / "checkpoints" / "step_000003").exists()
+    loads.clear()
+    assert evaluate.main(argv)["dyna"] == got and loads == []
+    evaluate.main(["--what", "report", "--runs", f"dyna={out / 'dyna'}", "--out-dir", str(tmp_path / "report")])
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())["runs"]["dyna"]
+    assert [c["step"] for c in summary["checkpoints"]] == [1, 2] and summary["success"]["n"] == 1
+    assert (tmp_path / "report" / "wm_vs_success.png").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------

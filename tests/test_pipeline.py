@@ -10,10 +10,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 ARMS = ("base", "wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy", "il", "iwm", "sr", "gigpo", "rwml_gigpo",
-        "echo")
+        "echo", "dyna")
 STAGES = ("collect", "heldout", "format", "filter", "wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy",
-          "gigpo", "rwml_gigpo", "echo", "expert", "il", "iwm_wm", "iwm", "sr", "eval_wm", "eval_wm_sft", "eval_policy",
-          "eval_ee", "eval_objectives")
+          "gigpo", "rwml_gigpo", "echo", "dyna", "expert", "il", "iwm_wm", "iwm", "sr", "eval_wm", "eval_wm_sft",
+          "eval_policy", "eval_ee", "eval_objectives", "eval_policy_wm")
 
 
 @pytest.mark.slow
@@ -31,7 +31,8 @@ def test_quick_pipeline_writes_every_artifact_and_resumes(tmp_path):
         assert (out / path).exists(), path
     # the cold start (the filter model) is where every arm starts; policy RL also starts from WM SFT and RWML
     config = {name: json.loads((out / name / "config.json").read_text())
-              for name in ("wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy", "gigpo", "rwml_gigpo", "echo")}
+              for name in ("wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy", "gigpo", "rwml_gigpo", "echo",
+                           "dyna")}
     assert config["wm_sft"]["model"] == config["rwml"]["model"] == config["policy"]["model"] == str(out / "filter")
     assert config["rwml_policy"]["model"] == str(out / "rwml")
     assert config["wm_sft_policy"]["model"] == str(out / "wm_sft")
@@ -41,11 +42,12 @@ def test_quick_pipeline_writes_every_artifact_and_resumes(tmp_path):
     assert ee["iwm"]["model"] == str(out / "iwm_wm")
     assert ee["iwm_wm"]["triples"] == str(out / "expert/triples_alt.jsonl")
     assert ee["sr"]["reflections"] == ee["iwm_wm"]["triples"] and (out / "sr/rationales/rank0.jsonl").exists()
-    # the policy-objective arms: GiGPO from the start and from RWML, ECHO from the start
-    assert config["gigpo"]["model"] == config["echo"]["model"] == str(out / "filter")
+    # the policy-objective arms: GiGPO from the start and from RWML, ECHO and Dyna from the start
+    assert config["gigpo"]["model"] == config["echo"]["model"] == config["dyna"]["model"] == str(out / "filter")
     assert config["rwml_gigpo"]["model"] == str(out / "rwml")
     assert config["gigpo"]["step_advantage"] == config["rwml_gigpo"]["step_advantage"] == "gigpo"
     assert config["echo"]["echo_coef"] == 0.1 and config["policy"]["step_advantage"] == "none"
+    assert config["dyna"]["dyna_coef"] == 1.0 and config["policy"]["dyna_coef"] == 0.0
     # held-out world-model triples come from games of another split than the training ones
     train_tasks = {json.loads(line)["task_id"] for line in (out / "collect/triples.jsonl").open()}
     held_tasks = {json.loads(line)["task_id"] for line in (out / "heldout/triples.jsonl").open()}
@@ -55,11 +57,13 @@ def test_quick_pipeline_writes_every_artifact_and_resumes(tmp_path):
     assert set(summary["runs"]) == set(ARMS)
     for arm in ARMS:
         assert "twx/test" in summary["runs"][arm]["agent"] and summary["runs"][arm]["forgetting"]
-        if arm in ("base", "wm_sft", "rwml"):   # world-model accuracy is measured for the world-model arms
-            acc = summary["runs"][arm]["wm_accuracy"]
-            assert 0 <= acc["k"] <= acc["n"] and acc["ci95"][0] <= acc["ci95"][1]
+        acc = summary["runs"][arm]["wm_accuracy"]   # every arm's (--all-arms): the report plots it against success
+        assert 0 <= acc["k"] <= acc["n"] and acc["ci95"][0] <= acc["ci95"][1]
         if arm != "base":
             assert 0 <= summary["runs"][arm]["weights_changed"] <= 1
+        # Dyna saves after each of its 2 steps: its step-1 checkpoint is evaluated too (--checkpoints all)
+        assert [c["step"] for c in summary["runs"][arm]["checkpoints"]] == ([1] if arm == "dyna" else [])
+    assert (out / "report/wm_vs_success.png").exists()
     assert set(STAGES) <= set(summary["stages"]) and summary["wall_s"] >= sum(summary["stages"][s] for s in STAGES)
     assert all(name in (out / "report/report.md").read_text() for name in ARMS)
 
