@@ -3,13 +3,13 @@
 # RWML; Early Experience's baselines (paper Table 2) from expert data: imitation learning, IWM, SR -> evaluate every
 # arm in one process -> report (report.md, curves.png, summary.json).
 # Usage: bash run.sh [--quick | --medium] [--all-arms] [--env alfworld|tau2] [--model NAME] [--out DIR] [--launcher "torchrun ..."]
-#   --quick  the miniature for a 2-core CPU (SmolLM2-135M, ~30 minutes): every arm starts from a cold start that
+#   --quick  the miniature for a 2-core CPU (SmolLM2-135M, ~35 minutes): every arm starts from a cold start that
 #            teaches the answer formats (see "The miniature" below); without it, the paper's settings (a GPU box).
 #   --medium the larger miniature (~55 minutes on the same CPU): --quick's recipe with twice the games, four times the
 #            RWML steps and 400 held-out triples, for the world-model arms only (base, wm_sft, rwml); the effect
 #            that --quick is too small to resolve (README "Results").
 #   --all-arms  with --quick, also the arms beyond Table 1 (Early Experience IL/IWM/SR, GiGPO, ECHO, Dyna) and the
-#            world-model accuracy of the agent arms; the paper setting always runs them.
+#            world-model accuracy of the agent arms (~63 minutes more); the paper setting always runs them.
 #   --env    the paper's ALFWorld pipeline (default) or its τ²-bench one (paper settings only, not --quick).
 # Every stage writes DONE ("<seconds> s") into its folder when it finishes and is skipped on a rerun; a stage that
 # was killed continues from its own resume state (collect/filter/evaluate skip finished rows, training resumes its
