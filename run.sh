@@ -5,7 +5,7 @@
 # Usage: bash run.sh [--quick | --medium] [--all-arms] [--env alfworld|tau2] [--model NAME] [--out DIR] [--launcher "torchrun ..."]
 #   --quick  the miniature for a 2-core CPU (SmolLM2-135M, ~35 minutes): every arm starts from a cold start that
 #            teaches the answer formats (see "The miniature" below); without it, the paper's settings (a GPU box).
-#   --medium the larger miniature (~55 minutes on the same CPU): --quick's recipe with twice the games, four times the
+#   --medium the larger miniature (~42 minutes on the same CPU): --quick's recipe with twice the games, four times the
 #            RWML steps and 400 held-out triples, for the world-model arms only (base, wm_sft, rwml); the effect
 #            that --quick is too small to resolve (README "Results").
 #   --all-arms  with --quick, also the arms beyond Table 1 (Early Experience IL/IWM/SR, GiGPO, ECHO, Dyna) and the
