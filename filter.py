@@ -3,7 +3,7 @@
     python filter.py --triples runs/collect/triples_train.jsonl --val-triples runs/collect/triples_val.jsonl
         1. SFT a filter model on the validation triples (supervised next-state prediction)
         2. sample K predictions per training triple at temperature 1.0, score each with the world-model reward
-           at the strict threshold (tau_d 0.1 ALFWorld, 0.15 τ² user replies)
+           at the strict threshold (tau_d 0.1 ALFWorld, 0.15 τ² user replies); --k 0 skips 2-3, keeping every triple
         3. easy = at least one hit; keep easy triples with probability p = 0.1, all others
            -> out_dir/filtered.jsonl (each triple + easy_hits, easy, kept) and out_dir/summary.json
     python filter.py --sft-only --triples runs/collect/triples_train.jsonl --out-dir runs/wm_sft
@@ -78,7 +78,7 @@ class Settings:
                                                     "first); train_rwml.py --max-prompt-tokens skips them instead")
     save_every: int = common.flag(100, "optimizer steps between checkpoints")
     # stage 2: the filter (paper: K 10, temperature 1.0, strict tau_d 0.1 ALFWorld / 0.15 τ², p 0.1)
-    k: int = common.flag(10, "predictions sampled per training triple")
+    k: int = common.flag(10, "predictions sampled per training triple (0: none, every triple kept: the rule is off)")
     temperature: float = common.flag(1.0, "sampling temperature of the predictions")
     max_new_tokens: int = common.flag(256, "max tokens per prediction (the filter's next states, SR's rationales)")
     triples_per_chunk: int = common.flag(8, "triples scored together; their rows are appended as one resumable unit")
@@ -365,10 +365,10 @@ def merge(s: Settings, triples: list[dict], parts: Path, out_dir: Path, model_pa
     scored = {r["id"]: r for p in sorted(parts.glob("rank*.jsonl")) for r in common.read_jsonl(p)}
     rows = []
     for t in triples:
-        if t["id"] not in scored:
+        if s.k and t["id"] not in scored:
             raise RuntimeError(f"{parts}: triple {t['id']!r} was never scored (a rank died?); rerun to finish it")
-        hits = scored[t["id"]]["easy_hits"]
-        easy, kept = mark(t["id"], hits, s.keep_p, s.seed, s.min_hits)
+        hits = scored[t["id"]]["easy_hits"] if s.k else 0
+        easy, kept = mark(t["id"], hits, s.keep_p, s.seed, s.min_hits) if s.k else (False, True)
         rows.append({**t, "easy_hits": hits, "easy": easy, "kept": kept})
     common.write_jsonl(out_dir / "filtered.jsonl", rows)
     summary = {**fractions(rows), "by_env": fractions_by(rows, "env"), "by_next_kind": fractions_by(rows, "next_kind"),
@@ -398,7 +398,8 @@ def main(argv: list[str] | None = None) -> dict | Path:
     train = load_triples(s.triples)  # read before the SFT: a bad file fails fast
     model_path = sft(s, d, load_triples(s.val_triples), ckpt_root, log)
     parts = out_dir / "scored"
-    score(s, d, model_path, train, parts, log)
+    if s.k:
+        score(s, d, model_path, train, parts, log)
     if d.world > 1:
         dist.barrier()
     if not d.main:

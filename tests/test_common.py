@@ -58,14 +58,19 @@ def test_greedy_generation_equals_argmax_of_full_forwards(tiny):
     torch.testing.assert_close(torch.tensor(out.logprobs), torch.tensor(logprobs), atol=1e-5, rtol=0)
 
 
-def test_left_padded_batch_greedy_equals_one_by_one(tiny):
+@pytest.mark.parametrize("prefill_one_by_one", [False, True])
+def test_left_padded_batch_greedy_equals_one_by_one(tiny, prefill_one_by_one):
+    """Both prefills (the padded batch with its mask, each prompt alone written into the padded cache) decode what
+    each prompt decodes alone."""
     model, tok = tiny
     prompts = _ids(tok, PROMPTS)
-    batched = common.generate(model, tok, prompts, max_new_tokens=10, temperature=0.0, batch_size=4)
+    batched = common.generate(model, tok, prompts, max_new_tokens=10, temperature=0.0, batch_size=4,
+                              prefill_one_by_one=prefill_one_by_one)
     for p, b in zip(prompts, batched):
-        single = common.generate(model, tok, [p], max_new_tokens=10, temperature=0.0)[0]
+        single = common.generate(model, tok, [p], max_new_tokens=10, temperature=0.0, prefill_one_by_one=False)[0]
         assert single.response_ids == b.response_ids
         assert b.prompt_ids == p
+        torch.testing.assert_close(torch.tensor(b.logprobs), torch.tensor(single.logprobs), atol=1e-5, rtol=0)
 
 
 def test_sampling_is_reproducible_by_generator(tiny):
@@ -253,3 +258,25 @@ def test_token_logprobs_refuse_heads_beyond_a_matmul():
     lm.set_output_embeddings(torch.nn.Linear(16, 96, bias=True))
     with pytest.raises(ValueError, match="GraniteForCausalLM: its lm_head has a bias"):
         common.TokenLogprobs(lm)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batch_logprobs_equal_each_sequence_alone(tiny, side):
+    """TokenLogprobs drops a right-padding mask (causality already hides the pads) and keeps any other one: either
+    way every real token scores what it scores without padding."""
+    model, tok = tiny
+    seqs = _ids(tok, PROMPTS)
+    scorer = common.TokenLogprobs(model)
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), tok.pad_token_id)
+    attn = torch.zeros_like(ids)
+    for b, s in enumerate(seqs):
+        cols = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[b, cols], attn[b, cols] = torch.tensor(s), 1
+    loss = attn.bool() & (attn.cumsum(-1) > 1)   # every real token but the first
+    with torch.no_grad():
+        batched, _ = scorer(ids, attn, loss)
+        for b, s in enumerate(seqs):
+            alone, _ = scorer(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long),
+                              torch.arange(len(s))[None] > 0)
+            torch.testing.assert_close(batched[b][loss[b]], alone[0, 1:], atol=1e-5, rtol=0)

@@ -202,6 +202,18 @@ def test_filtered_jsonl_is_valid(filtered, data):
     assert [r["step"] for r in metrics(filtered, "sft")] == [0, 1]  # 8 val triples, batch 4, 1 epoch
 
 
+def test_k_zero_trains_the_filter_model_and_keeps_every_triple_unscored(data, tmp_path):
+    """--k 0 (the miniature's setting): the SFT still runs (the filter model is the cold start), nothing is
+    sampled, every triple is kept as not easy."""
+    out = tmp_path / "k0"
+    summary = filt.main(flags(data, out, "--k", "0", "--min-hits", "0", "--keep-p", "0"))
+    rows = common.read_jsonl(out / "filtered.jsonl")
+    assert [r["id"] for r in rows] == [t["id"] for t in common.read_jsonl(data / "train.jsonl")]
+    assert all(r["kept"] and not r["easy"] and r["easy_hits"] == 0 for r in rows)
+    assert summary["kept"] == 12 and summary["k"] == 0 and not metrics(out, "score")
+    assert [r["step"] for r in metrics(out, "sft")] == [0, 1] and common.latest_checkpoint(out / "ckpt")
+
+
 def test_filter_is_reproducible_and_resumes_without_duplicates(filtered, data, tmp_path):
     again = tmp_path / "again"
     filt.main(flags(data, again, "--keep-p", "0.5"))

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ARMS = ("base", "wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy", "il", "iwm", "sr", "gigpo", "rwml_gigpo",
         "echo", "dyna")
 STAGES = ("collect", "heldout", "format", "filter", "wm_sft", "rwml", "policy", "wm_sft_policy", "rwml_policy",
-          "gigpo", "rwml_gigpo", "echo", "dyna", "expert", "il", "iwm_wm", "iwm", "sr", "eval_wm", "eval_wm_sft",
-          "eval_policy", "eval_ee", "eval_objectives", "eval_policy_wm")
+          "gigpo", "rwml_gigpo", "echo", "dyna", "expert", "il", "iwm_wm", "iwm", "sr", "eval_wm", "eval_policy",
+          "eval_ee", "eval_objectives", "eval_policy_wm")
 
 
 @pytest.mark.slow
@@ -48,6 +48,11 @@ def test_quick_pipeline_writes_every_artifact_and_resumes(tmp_path):
     assert config["gigpo"]["step_advantage"] == config["rwml_gigpo"]["step_advantage"] == "gigpo"
     assert config["echo"]["echo_coef"] == 0.1 and config["policy"]["step_advantage"] == "none"
     assert config["dyna"]["dyna_coef"] == 1.0 and config["policy"]["dyna_coef"] == 0.0
+    # the preset drops zero-variance groups, except where GiGPO's step advantages or ECHO's loss live inside them
+    assert config["policy"]["drop_zero_var"] and config["dyna"]["drop_zero_var"]
+    assert not any(config[a]["drop_zero_var"] for a in ("gigpo", "rwml_gigpo", "echo"))
+    # the miniature skips the too-easy rule: every triple is kept, and WM SFT and RWML train on all of them
+    assert json.loads((out / "filter/summary.json").read_text())["k"] == 0
     # held-out world-model triples come from games of another split than the training ones
     train_tasks = {json.loads(line)["task_id"] for line in (out / "collect/triples.jsonl").open()}
     held_tasks = {json.loads(line)["task_id"] for line in (out / "heldout/triples.jsonl").open()}
