@@ -763,6 +763,19 @@ def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(order)
 
 
+def length_grouped_order(lengths: list[int], batch_size: int, seed: int, epoch: int, window: int = 8) -> tuple[int, ...]:
+    """epoch_order, then each run of window x batch_size examples sorted by length and cut into batches, and the
+    batches shuffled: batch b is order[b * batch_size:(b + 1) * batch_size], and a batch's examples have similar
+    lengths, so little of it is padding (quick WM SFT: 57.0k -> 43.0k tokens computed for 40.6k real ones)."""
+    order, usable = epoch_order(len(lengths), seed, epoch), len(lengths) // batch_size * batch_size
+    batches = []
+    for c in range(0, usable, window * batch_size):
+        run = sorted(order[c:min(c + window * batch_size, usable)], key=lambda i: lengths[i])
+        batches += [run[k:k + batch_size] for k in range(0, len(run), batch_size)]
+    random.Random(f"{seed}:{epoch}:batches").shuffle(batches)
+    return tuple(i for b in batches for i in b) + order[usable:]
+
+
 def sample_rows(rows: list, n: int | None, seed: int) -> list:
     """A seeded random sample of n rows in file order (all when n is None): the first N rows of a triples file
     come from a few episodes of a few games, a sample spreads over all of them."""

@@ -262,6 +262,7 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
     if s.epochs and len(examples) < s.batch_size:
         raise ValueError(f"{len(examples)} SFT examples, fewer than --batch-size {s.batch_size}")
     steps_per_epoch = len(examples) // s.batch_size  # the last partial batch of each epoch is dropped
+    lengths = [len(p) + len(label) for p, label in examples]
     total = steps_per_epoch * s.epochs
     last = common.latest_checkpoint(ckpt_root)
     if last is not None and checkpoint_step(last) >= total:
@@ -281,7 +282,8 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
     for step in tqdm(range(start, total), desc="sft", initial=start, total=total, disable=not d.main):
         t0 = time.time()
         epoch, b = divmod(step, steps_per_epoch)
-        batch = common.epoch_order(len(examples), s.seed, epoch)[b * s.batch_size:(b + 1) * s.batch_size]
+        order = common.length_grouped_order(lengths, s.batch_size, s.seed, epoch)   # batches of similar lengths
+        batch = order[b * s.batch_size:(b + 1) * s.batch_size]
         n_tokens = sum(len(examples[i][1]) for i in batch)  # label tokens in the global batch
         mine = batch[d.rank::d.world]
         nll = torch.zeros((), device=d.device)
