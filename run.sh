@@ -3,7 +3,7 @@
 # RWML; Early Experience's baselines (paper Table 2) from expert data: imitation learning, IWM, SR -> evaluate every
 # arm in one process -> report (report.md, curves.png, summary.json).
 # Usage: bash run.sh [--quick | --medium] [--all-arms] [--env alfworld|tau2] [--model NAME] [--out DIR] [--launcher "torchrun ..."]
-#   --quick  the miniature for a 2-core CPU (SmolLM2-135M, ~20 minutes): every arm starts from a cold start that
+#   --quick  the miniature for a 2-core CPU (SmolLM2-135M, ~25 minutes): every arm starts from a cold start that
 #            teaches the answer formats (see "The miniature" below); it shows RWML learn (reward, weights), on 100
 #            held-out triples; without it, the paper's settings (a GPU box).
 #   --medium the larger miniature (~40 minutes on the same CPU): --quick's recipe with twice the games, the paper's
@@ -77,7 +77,7 @@ if [ "$QUICK" = 1 ]; then
     COLLECT="$COLLECT --n-tasks 36"; HELDOUT="$HELDOUT --n-tasks 48"; EVAL="$EVAL --n-triples 400"
     RWML="$RWML --max-steps 32 --val-every 8 --val-size 64"
     # the paper's "too easy" rule (any hit of K = 4): at this size it gave RWML +12 points; --quick skips the rule
-    # (its all-K version removed 3 of 120 triples for 2 of the 20 minutes; README "Results")
+    # (its all-K version removed 3 of 120 triples for 2 minutes of the run; README "Results")
     FILTER="$FILTER --k 4 --min-hits 1"
   fi
   # Dyna: RWML's quick shape on the policy step's transitions (4 prompts x G 16, 48 new tokens); a checkpoint after
