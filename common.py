@@ -763,7 +763,8 @@ def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(order)
 
 
-def length_grouped_order(lengths: list[int], batch_size: int, seed: int, epoch: int, window: int = 8) -> tuple[int, ...]:
+def length_grouped_order(lengths: list[int], batch_size: int, seed: int, epoch: int,
+                         window: int = 8) -> tuple[int, ...]:
     """epoch_order, then each run of window x batch_size examples sorted by length and cut into batches, and the
     batches shuffled: batch b is order[b * batch_size:(b + 1) * batch_size], and a batch's examples have similar
     lengths, so little of it is padding (quick WM SFT: 57.0k -> 43.0k tokens computed for 40.6k real ones)."""

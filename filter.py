@@ -282,7 +282,8 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
     for step in tqdm(range(start, total), desc="sft", initial=start, total=total, disable=not d.main):
         t0 = time.time()
         epoch, b = divmod(step, steps_per_epoch)
-        order = common.length_grouped_order(lengths, s.batch_size, s.seed, epoch)   # batches of similar lengths
+        if b == 0 or step == start:   # once per epoch: batches of similar lengths
+            order = common.length_grouped_order(lengths, s.batch_size, s.seed, epoch)
         batch = order[b * s.batch_size:(b + 1) * s.batch_size]
         n_tokens = sum(len(examples[i][1]) for i in batch)  # label tokens in the global batch
         mine = batch[d.rank::d.world]
