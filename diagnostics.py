@@ -77,10 +77,13 @@ def rollout_metrics(every: dict, group_size: int, drop_zero_var: bool, env: str 
     steps carry "truths" (one next state per prompt), policy steps "won", "valid" and "ep_len"; a policy reply's
     format is its env's (prompts.agent_reply_ok)."""
     r = torch.tensor(every["rewards"])
+    all_hit = (r.view(-1, group_size) > 0).all(-1).tolist()   # with the binary reward: every member right
     formatted = [prompts.has_format(t, "next_state") if "truths" in every else prompts.agent_reply_ok(t, env)
                  for t in every["texts"]]
     row = {"reward_mean": float(r.mean()), "reward_std": float(r.std()) if len(r) > 1 else 0.0,
-           "zero_var_frac": float(np.mean(every["zero_var"])), "resp_len": float(np.mean(every["lens"])),
+           "zero_var_frac": float(np.mean(every["zero_var"])),
+           "zero_var_hit_frac": float(np.mean([z and h for z, h in zip(every["zero_var"], all_hit)])),
+           "resp_len": float(np.mean(every["lens"])),
            "resp_len_max": max(every["lens"]), "truncated_frac": float(np.mean(every["cut"])),
            "format_error_rate": 1.0 - float(np.mean(formatted))}
     if drop_zero_var:

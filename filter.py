@@ -70,6 +70,8 @@ class Settings:
                                         "master weights); none = bf16 on CUDA, fp32 on CPU", ["fp32", "bf16"])
     # stage 1: SFT (paper: 2 epochs, lr 2e-6, batch 32)
     epochs: int = common.flag(2, "SFT epochs (0: score with the base model)")
+    max_steps: int = common.flag(0, "stop the SFT after this many optimizer steps (0: all of --epochs), e.g. "
+                                    "RWML's step count")
     lr: float = common.flag(2e-6, "AdamW learning rate (constant)")
     batch_size: int = common.flag(32, "effective batch (triples per optimizer step, all ranks together)")
     micro_batch: int = common.flag(4, "triples per forward/backward on one rank; accumulation fills the batch")
@@ -263,7 +265,7 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
         raise ValueError(f"{len(examples)} SFT examples, fewer than --batch-size {s.batch_size}")
     steps_per_epoch = len(examples) // s.batch_size  # the last partial batch of each epoch is dropped
     lengths = [len(p) + len(label) for p, label in examples]
-    total = steps_per_epoch * s.epochs
+    total = min(steps_per_epoch * s.epochs, s.max_steps or steps_per_epoch * s.epochs)
     last = common.latest_checkpoint(ckpt_root)
     if last is not None and checkpoint_step(last) >= total:
         common.print0(f"SFT already done: {last}")

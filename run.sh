@@ -69,13 +69,14 @@ if [ "$QUICK" = 1 ]; then
   Q=configs/quick
   COLLECT="--config $Q/collect.json"; HELDOUT="--config $Q/heldout.json"; FORMAT="--config $Q/format.json"
   FILTER="--config $Q/filter.json"; SFT="--config $Q/wm_sft.json"; RWML="--config $Q/rwml.json"
+  WM_SFT_STEPS="--max-steps 8"   # WM SFT stops at RWML's 8 optimizer steps: the world-model arms train as long
   POLICY="--config $Q/policy.json"; EVAL="--config $Q/eval.json"
   # Early Experience: expert episodes on the game the agent arms play (coin's gold path), 3 random admissible
   # alternatives from every expert state; IL / IWM / SR train like WM SFT ($SFT), SR's rationales are short
   EXPERT="--config $Q/expert.json"; SR="--max-new-tokens 48"
   if [ "$MEDIUM" = 1 ]; then   # the same presets, more of everything the world-model comparison needs
     COLLECT="$COLLECT --n-tasks 36"; HELDOUT="$HELDOUT --n-tasks 48"; EVAL="$EVAL --n-triples 400"
-    RWML="$RWML --max-steps 32 --val-every 8 --val-size 64"
+    RWML="$RWML --max-steps 32 --val-every 8 --val-size 64"; WM_SFT_STEPS=""   # WM SFT: its epoch, 18 steps
     # the paper's "too easy" rule (any hit of K = 4): at this size it gave RWML +12 points; --quick skips the rule
     # (its all-K version removed 3 of 120 triples for 2 minutes of the run; README "Results")
     FILTER="$FILTER --k 4 --min-hits 1"
@@ -138,7 +139,8 @@ else
 fi
 stage filter "$F" $LAUNCH filter.py --model "$MODEL" --triples "$C/triples_train.jsonl" \
   --val-triples "$C/triples_val.jsonl" --out-dir "$F" $FILTER
-stage wm_sft "$S" $LAUNCH filter.py --sft-only --model "$START" --triples "$F/filtered.jsonl" --out-dir "$S" $SFT
+stage wm_sft "$S" $LAUNCH filter.py --sft-only --model "$START" --triples "$F/filtered.jsonl" --out-dir "$S" $SFT \
+  ${WM_SFT_STEPS:-}
 stage rwml "$R" $LAUNCH train_rwml.py --task wm --model "$START" --data "$F/filtered.jsonl" \
   --val-data "$WM_TRIPLES" --out-dir "$R" $RWML $(resume_flag "$R")
 # Policy RL from the start model, from WM SFT and from RWML (paper Table 1's last rows)

@@ -691,8 +691,11 @@ class LossPart:
 
 
 def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, optimizer, scheduler, s: Settings,
-                d: common.Dist, pad_id: int, dyna: tuple[list[dict], float] | None = None) -> dict:
+                d: common.Dist, pad_id: int, dyna: tuple[list[dict], float] | None = None,
+                policy_is_reference: bool = False) -> dict:
     """ppo_epochs optimizer steps on seqs (this rank's share). Returns global stats; "nonfinite" = skipped.
+    policy_is_reference: the policy still has the reference's weights (a fresh run's first update), so the
+    reference's log-probs are the policy's own first ones and its forward is skipped (the KL of that step is 0).
     dyna (Dyna, --dyna-coef): (this rank's world-model sequences, their weight w): each optimizer step descends
     the policy loss + w x the world-model GRPO loss (under dyna_settings: no ECHO), each normalised over its own
     sequences, their gradients accumulated into one step; that part's stats come back as dyna_* ("dyna_loss": its
@@ -716,7 +719,9 @@ def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, o
                                                            observations=echo)
                 if epoch == 0:
                     mb["old"] = logp.detach()
-                    if reference_logprobs is not None:
+                    if reference_logprobs is not None and policy_is_reference:
+                        mb["ref"] = mb["old"]
+                    elif reference_logprobs is not None:
                         with torch.no_grad():
                             mb["ref"] = micro_batch_logprobs(reference_logprobs, mb, ps.temperature)[0]
                 w = mb["weight"]
@@ -919,7 +924,7 @@ def main(argv: list[str] | None = None) -> Path:
         # 3. update: ppo_epochs optimizer steps of the GRPO loss, then the sampler takes the new weights
         lr = scheduler.get_last_lr()[0]
         train = grpo_update(seqs, policy_logprobs, reference_logprobs, params, optimizer, scheduler, s, d,
-                            tokenizer.pad_token_id, (wm_seqs, w) if w else None)
+                            tokenizer.pad_token_id, (wm_seqs, w) if w else None, policy_is_reference=step == 0)
         common.sync_weights(sampler, policy)
         t_train = time.perf_counter()
         # 4. log: the rollouts over all ranks, the update's stats (agreement, TIS), alarms, held-out accuracy

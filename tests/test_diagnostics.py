@@ -152,6 +152,16 @@ def test_zero_variance_groups_are_logged_and_dropped(tmp_path, monkeypatch, trip
     assert kept["train_seqs"] == 16 and dropped["train_seqs"] == 8 and dropped["dropped_groups"] == 2
 
 
+def test_zero_variance_share_splits_into_all_right_and_all_wrong_groups():
+    """Binary rewards, G 4: one group all right, two all wrong, one mixed -> 3/4 zero-variance, 1/4 of them hits."""
+    rewards = [1.0] * 4 + [0.0] * 4 + [1.0, 0.0, 0.0, 1.0] + [0.0] * 4
+    every = {"rewards": rewards, "texts": ["<action>look</action>"] * 16, "lens": [3] * 16, "cut": [False] * 16,
+             "won": rewards, "valid": [True] * 16, "ep_len": [1] * 16,
+             "zero_var": diagnostics.zero_variance_groups(torch.tensor(rewards), 4, 0.01).tolist()}
+    row = diagnostics.rollout_metrics(every, 4, False, "twx")
+    assert row["zero_var_frac"] == 0.75 and row["zero_var_hit_frac"] == 0.25
+
+
 # ----------------------------------------------------------------------------------------------------------
 # (5) alarms and non-finite steps
 

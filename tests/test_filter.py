@@ -158,6 +158,11 @@ def test_sft_resumes_exactly(data, tmp_path):
     filt.main(flags(data, a, "--sft-only", "--epochs", "2", "--save-every", "2"))
     filt.main(flags(data, b, "--sft-only", "--epochs", "2"))
     assert [r["step"] for r in metrics(a, "sft")] == list(range(6))
+    c = tmp_path / "c"   # --max-steps: the first steps of the same run, then the checkpoint
+    filt.main(flags(data, c, "--sft-only", "--epochs", "2", "--max-steps", "4"))
+    assert [r["step"] for r in metrics(c, "sft")] == list(range(4))
+    assert common.latest_checkpoint(c / "ckpt").name == "step_000004"
+    assert [r["loss"] for r in metrics(c, "sft")] == [r["loss"] for r in metrics(b, "sft")][:4]
     wa, _ = common.load_model(str(common.latest_checkpoint(a / "ckpt")))
     wb, _ = common.load_model(str(common.latest_checkpoint(b / "ckpt")))
     for (name, x), y in zip(wa.state_dict().items(), wb.state_dict().values()):

@@ -35,6 +35,7 @@ def test_quick_pipeline_writes_every_artifact_and_resumes(tmp_path):
                            "dyna")}
     assert config["wm_sft"]["model"] == config["rwml"]["model"] == config["policy"]["model"] == str(out / "filter")
     assert config["rwml_policy"]["model"] == str(out / "rwml")
+    assert config["wm_sft"]["max_steps"] == config["rwml"]["max_steps"] == 8   # the world-model arms' steps match
     assert config["wm_sft_policy"]["model"] == str(out / "wm_sft")
     # Early Experience's arms: IL and SR from the cold start, IWM's imitation from its world-model stage
     ee = {name: json.loads((out / name / "config.json").read_text()) for name in ("il", "iwm_wm", "iwm", "sr")}

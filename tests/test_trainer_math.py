@@ -54,6 +54,33 @@ def test_grpo_update_equals_the_plain_grpo_objective_and_tis_changes_it(batch):
     assert max_diff(out[2.0], out[0.0]) > 100 * 1e-5 * moved
 
 
+def test_first_update_skips_the_reference_forward_and_changes_nothing(batch):
+    """While the policy has the reference's weights (a fresh run's first update), the reference's log-probs are
+    the policy's own: grpo_update with policy_is_reference never runs the reference model and leaves the same
+    parameters and KL as the update that does (two epochs: the second reads the reference's log-probs too)."""
+    lm, _, seqs = batch
+    ref = copy.deepcopy(lm).eval().requires_grad_(False)
+    calls = []
+    counting = common.TokenLogprobs(ref)
+    counting.register_forward_hook(lambda *_: calls.append(1))
+    s = helpers.grpo_settings(0.0)
+    out = {}
+    for same in (False, True):
+        trained = copy.deepcopy(lm)
+        policy_logprobs = common.wrap_for_training(trained, common.Dist())
+        params = [p for p in trained.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=s.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        n_before = len(calls)
+        stats = train_rwml.grpo_update(seqs, policy_logprobs, counting, params, opt, sched, s, common.Dist(),
+                                       pad_id=0, policy_is_reference=same)
+        assert (len(calls) == n_before) == same, (same, len(calls) - n_before)
+        out[same] = (dict(trained.named_parameters()), stats["kl"])
+    moved = max_diff(out[False][0], dict(lm.named_parameters()))
+    assert moved > 0.1 and max_diff(out[True][0], out[False][0]) < 1e-6 * moved
+    assert out[True][1] == pytest.approx(out[False][1], rel=1e-5, abs=1e-9) and out[False][1] > 0
+
+
 def loss_and_grad(mb: dict, logp: torch.Tensor, entropy: torch.Tensor, s, dtype) -> tuple[float, torch.Tensor, dict]:
     """train_rwml.grpo_loss on one micro-batch cast to dtype -> (loss, d loss / d logp, stats)."""
     mb = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in mb.items()}
