@@ -694,8 +694,9 @@ def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, o
                 d: common.Dist, pad_id: int, dyna: tuple[list[dict], float] | None = None,
                 policy_is_reference: bool = False) -> dict:
     """ppo_epochs optimizer steps on seqs (this rank's share). Returns global stats; "nonfinite" = skipped.
-    policy_is_reference: the policy still has the reference's weights (a fresh run's first update), so the
-    reference's log-probs are the policy's own first ones and its forward is skipped (the KL of that step is 0).
+    policy_is_reference: the policy still has the reference's weights (no optimizer step yet in this run, e.g. its
+    first steps' groups were all dropped), so the reference's log-probs are the policy's own first ones and its
+    forward is skipped (that step's KL is 0).
     dyna (Dyna, --dyna-coef): (this rank's world-model sequences, their weight w): each optimizer step descends
     the policy loss + w x the world-model GRPO loss (under dyna_settings: no ECHO), each normalised over its own
     sequences, their gradients accumulated into one step; that part's stats come back as dyna_* ("dyna_loss": its
@@ -842,6 +843,7 @@ def resume(s: Settings, ckpt_root: Path, checkpoint_model, sampler, policy, opti
         common.print0(f"resumed from {latest} at step {state['step']}")
     elif s.resume:
         common.print0(f"--resume: no checkpoint in {ckpt_root}, starting fresh")
+    state.setdefault("updated", state["step"] > 0)   # has an optimizer step moved the policy off the reference?
     return state
 
 
@@ -857,6 +859,7 @@ def count_nonfinite(state: dict, train: dict, step: int, d: common.Dist) -> dict
                        f"({state['nonfinite_in_row']} in a row)")
     elif not skipped:
         state["nonfinite_in_row"] = 0
+        state["updated"] = True
     return {**train, "nonfinite_skips": state["nonfinite_total"], **({"skipped": skipped} if skipped else {})}
 
 
@@ -924,7 +927,7 @@ def main(argv: list[str] | None = None) -> Path:
         # 3. update: ppo_epochs optimizer steps of the GRPO loss, then the sampler takes the new weights
         lr = scheduler.get_last_lr()[0]
         train = grpo_update(seqs, policy_logprobs, reference_logprobs, params, optimizer, scheduler, s, d,
-                            tokenizer.pad_token_id, (wm_seqs, w) if w else None, policy_is_reference=step == 0)
+                            tokenizer.pad_token_id, (wm_seqs, w) if w else None, policy_is_reference=not state["updated"])
         common.sync_weights(sampler, policy)
         t_train = time.perf_counter()
         # 4. log: the rollouts over all ranks, the update's stats (agreement, TIS), alarms, held-out accuracy

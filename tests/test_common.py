@@ -43,6 +43,20 @@ def test_top_p_logprobs_are_of_the_truncated_distribution():
     assert torch.isinf(lp[0, 2:]).all()
 
 
+def test_sample_tokens_draws_each_token_at_its_probability():
+    """Two rows, one with zero-probability tokens (top-p's -inf) among the others: 200k draws per row land on
+    each token at its probability (within 5 standard errors) and never on a token of probability 0."""
+    p = torch.tensor([[0.5, 0.0, 0.2, 0.0, 0.3], [0.05, 0.15, 0.25, 0.35, 0.2]])
+    n = 200_000
+    gen = torch.Generator().manual_seed(0)
+    draws = common.sample_tokens(p.log().repeat(n, 1), gen).view(n, 2)
+    for row in range(2):
+        freq = torch.bincount(draws[:, row], minlength=5).double() / n
+        se = (p[row].double() * (1 - p[row].double()) / n).sqrt()
+        assert ((freq - p[row].double()).abs() <= 5 * se + 1e-12).all(), (row, freq)
+    assert not torch.isin(draws[:, 0], torch.tensor([1, 3])).any()
+
+
 def test_greedy_generation_equals_argmax_of_full_forwards(tiny):
     """The preallocated KV cache must give what recomputing the whole sequence gives, token by token."""
     model, tok = tiny

@@ -81,6 +81,27 @@ def test_first_update_skips_the_reference_forward_and_changes_nothing(batch):
     assert out[True][1] == pytest.approx(out[False][1], rel=1e-5, abs=1e-9) and out[False][1] > 0
 
 
+def test_the_reference_forward_is_skipped_until_the_first_optimizer_step(tmp_path, monkeypatch, triples):
+    """Step 1's groups all score the same and are dropped (no optimizer step), so step 2 still starts from the
+    reference's weights and skips its forward; step 3 (after step 2's update) runs it."""
+    calls = iter(range(1000))
+
+    def constant_first(samples, triples):   # the first step's rewards are all 0: every group zero-variance
+        return helpers.half_vocab_reward(samples, triples) * (next(calls) > 0)
+    toy_reward(monkeypatch, constant_first)
+    seen, grpo_update = [], train_rwml.grpo_update
+
+    def spy(*a, policy_is_reference=False, **kw):
+        seen.append(policy_is_reference)
+        return grpo_update(*a, policy_is_reference=policy_is_reference, **kw)
+    monkeypatch.setattr(train_rwml, "grpo_update", spy)
+    train_rwml.main(small("tiny", triples, tmp_path, "--max-steps", "3", "--lr", "1e-2", "--beta", "0.1",
+                          "--group-size", "4", "--max-new-tokens", "6", "--drop-zero-var"))
+    rows = metrics(tmp_path)
+    assert rows[0]["zero_var_frac"] == 1.0 and "train_seqs" not in rows[0] and rows[2]["kl"] > 1e-4, rows
+    assert seen == [True, True, False]
+
+
 def loss_and_grad(mb: dict, logp: torch.Tensor, entropy: torch.Tensor, s, dtype) -> tuple[float, torch.Tensor, dict]:
     """train_rwml.grpo_loss on one micro-batch cast to dtype -> (loss, d loss / d logp, stats)."""
     mb = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in mb.items()}
