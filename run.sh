@@ -3,7 +3,7 @@
 # RWML; Early Experience's baselines (paper Table 2) from expert data: imitation learning, IWM, SR -> evaluate every
 # arm in one process -> report (report.md, curves.png, summary.json).
 # Usage: bash run.sh [--quick | --medium] [--all-arms] [--env alfworld|tau2] [--model NAME] [--out DIR] [--launcher "torchrun ..."]
-#   --quick  the miniature for a 2-core CPU (SmolLM2-135M, ~25 minutes): every arm starts from a cold start that
+#   --quick  the miniature for a 2-core CPU (SmolLM2-135M, ~19 minutes): every arm starts from a cold start that
 #            teaches the answer formats (see "The miniature" below); it shows RWML learn (reward, weights), on 100
 #            held-out triples; without it, the paper's settings (a GPU box).
 #   --medium the larger miniature (~40 minutes on the same CPU): --quick's recipe with twice the games, the paper's
