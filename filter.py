@@ -265,7 +265,9 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
         raise ValueError(f"{len(examples)} SFT examples, fewer than --batch-size {s.batch_size}")
     steps_per_epoch = len(examples) // s.batch_size  # the last partial batch of each epoch is dropped
     lengths = [len(p) + len(label) for p, label in examples]
-    total = min(steps_per_epoch * s.epochs, s.max_steps or steps_per_epoch * s.epochs)
+    total = steps_per_epoch * s.epochs
+    if s.max_steps:
+        total = min(total, s.max_steps)
     last = common.latest_checkpoint(ckpt_root)
     if last is not None and checkpoint_step(last) >= total:
         common.print0(f"SFT already done: {last}")

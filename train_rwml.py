@@ -720,11 +720,12 @@ def grpo_update(seqs: list[dict], policy_logprobs, reference_logprobs, params, o
                                                            observations=echo)
                 if epoch == 0:
                     mb["old"] = logp.detach()
-                    if reference_logprobs is not None and policy_is_reference:
-                        mb["ref"] = mb["old"]
-                    elif reference_logprobs is not None:
-                        with torch.no_grad():
-                            mb["ref"] = micro_batch_logprobs(reference_logprobs, mb, ps.temperature)[0]
+                    if reference_logprobs is not None:
+                        if policy_is_reference:
+                            mb["ref"] = mb["old"]
+                        else:
+                            with torch.no_grad():
+                                mb["ref"] = micro_batch_logprobs(reference_logprobs, mb, ps.temperature)[0]
                 w = mb["weight"]
                 if epoch == 0:  # before any update: does the trainer see what the sampler sampled?
                     diff = (mb["old"] - mb["rollout"]).abs()[mask]
@@ -843,7 +844,6 @@ def resume(s: Settings, ckpt_root: Path, checkpoint_model, sampler, policy, opti
         common.print0(f"resumed from {latest} at step {state['step']}")
     elif s.resume:
         common.print0(f"--resume: no checkpoint in {ckpt_root}, starting fresh")
-    state.setdefault("updated", state["step"] > 0)   # has an optimizer step moved the policy off the reference?
     return state
 
 
@@ -859,7 +859,6 @@ def count_nonfinite(state: dict, train: dict, step: int, d: common.Dist) -> dict
                        f"({state['nonfinite_in_row']} in a row)")
     elif not skipped:
         state["nonfinite_in_row"] = 0
-        state["updated"] = True
     return {**train, "nonfinite_skips": state["nonfinite_total"], **({"skipped": skipped} if skipped else {})}
 
 
@@ -926,8 +925,10 @@ def main(argv: list[str] | None = None) -> Path:
         t_score = time.perf_counter()
         # 3. update: ppo_epochs optimizer steps of the GRPO loss, then the sampler takes the new weights
         lr = scheduler.get_last_lr()[0]
+        # (the scheduler steps with every optimizer step, and a checkpoint restores it: its count is the run's)
         train = grpo_update(seqs, policy_logprobs, reference_logprobs, params, optimizer, scheduler, s, d,
-                            tokenizer.pad_token_id, (wm_seqs, w) if w else None, policy_is_reference=not state["updated"])
+                            tokenizer.pad_token_id, (wm_seqs, w) if w else None,
+                            policy_is_reference=scheduler.last_epoch == 0)
         common.sync_weights(sampler, policy)
         t_train = time.perf_counter()
         # 4. log: the rollouts over all ranks, the update's stats (agreement, TIS), alarms, held-out accuracy

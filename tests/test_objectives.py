@@ -53,7 +53,8 @@ def test_gigpo_changes_exactly_the_anchored_steps(tmp_path, monkeypatch):
     played, trained = [], []
     run_episodes, grpo_update = rollout.run_episodes, train_rwml.grpo_update
     monkeypatch.setattr(rollout, "run_episodes", lambda *a, **k: played.append(run_episodes(*a, **k)) or played[-1])
-    monkeypatch.setattr(train_rwml, "grpo_update", lambda seqs, *a, **k: trained.append(seqs) or grpo_update(seqs, *a, **k))
+    monkeypatch.setattr(train_rwml, "grpo_update",
+                        lambda seqs, *a, **k: trained.append(seqs) or grpo_update(seqs, *a, **k))
     args = ["--task", "policy", "--env", "twx", "--model", "tiny", "--prompts-per-step", "2", "--group-size", "3",
             "--max-env-steps", "3", "--max-new-tokens", "6", "--max-steps", "1", "--beta", "0", "--adv-scale", "none",
             "--gigpo-gamma", "0.5", "--gigpo-weight", "2"]
@@ -153,7 +154,8 @@ def test_echo_in_policy_training_marks_the_observation_tokens(tmp_path, monkeypa
     played, trained = [], []
     run_episodes, grpo_update = rollout.run_episodes, train_rwml.grpo_update
     monkeypatch.setattr(rollout, "run_episodes", lambda *a, **k: played.append(run_episodes(*a, **k)) or played[-1])
-    monkeypatch.setattr(train_rwml, "grpo_update", lambda seqs, *a, **k: trained.append(seqs) or grpo_update(seqs, *a, **k))
+    monkeypatch.setattr(train_rwml, "grpo_update",
+                        lambda seqs, *a, **k: trained.append(seqs) or grpo_update(seqs, *a, **k))
     args = ["--task", "policy", "--env", "twx", "--model", "tiny", "--prompts-per-step", "2", "--group-size", "2",
             "--max-env-steps", "3", "--max-new-tokens", "6", "--max-steps", "1", "--beta", "0"]
     train_rwml.main([*args, "--out-dir", str(tmp_path / "echo"), "--echo-coef", "0.1"])
@@ -244,7 +246,8 @@ def test_dyna_off_is_the_plain_update_and_on_trains_the_steps_transitions(tmp_pa
     played, updates = [], []
     run_episodes, grpo_update = rollout.run_episodes, train_rwml.grpo_update
     monkeypatch.setattr(rollout, "run_episodes", lambda *a, **k: played.append(run_episodes(*a, **k)) or played[-1])
-    monkeypatch.setattr(train_rwml, "grpo_update", lambda seqs, *a, **k: updates.append(a[-1]) or grpo_update(seqs, *a, **k))
+    monkeypatch.setattr(train_rwml, "grpo_update",
+                        lambda seqs, *a, **k: updates.append(a[-1]) or grpo_update(seqs, *a, **k))
     args = [*POLICY, "--max-steps", "2"]
     train_rwml.main([*args, "--out-dir", str(tmp_path / "plain")])
     train_rwml.main([*args, *DYNA, "--dyna-coef", "0", "--out-dir", str(tmp_path / "zero")])
