@@ -4,8 +4,9 @@
         1. SFT a filter model on the validation triples (supervised next-state prediction)
         2. sample K predictions per training triple at temperature 1.0, score each with the world-model reward
            at the strict threshold (tau_d 0.1 ALFWorld, 0.15 τ² user replies); --k 0 skips 2-3, keeping every triple
-        3. easy = at least one hit; keep easy triples with probability p = 0.1, all others
-           -> out_dir/filtered.jsonl (each triple + easy_hits, easy, kept) and out_dir/summary.json
+        3. easy = at least one hit; keep easy triples with probability p = 0.1, all others (--hard-tau-d, not
+           the paper's: drop the triples none of whose K predictions earns a training reward)
+           -> out_dir/filtered.jsonl (each triple + easy_hits, too_hard, easy, kept) and out_dir/summary.json
     python filter.py --sft-only --triples runs/collect/triples_train.jsonl --out-dir runs/wm_sft
         the paper's WM SFT baseline: the same SFT on the training triples; the checkpoint is the product.
 
@@ -92,6 +93,11 @@ class Settings:
     reward_max_tokens: int = common.flag(100, "truncate predictions to this many tokens (paper: 100 ALFWorld, 512 τ²)")
     min_hits: int = common.flag(1, "a triple is easy when at least this many of its K predictions hit")
     keep_p: float = common.flag(0.1, "probability of keeping an easy triple")
+    hard_tau_d: float = common.flag(0.0, "not in the paper: a triple is too hard, and dropped, when none of its K "
+                                    "predictions earns a training reward at this threshold (e.g. train_rwml's "
+                                    "--tau-d 0.2): its RWML groups would all score 0; 0 = off (the paper keeps them)")
+    hard_tau_d_user: float = common.flag(0.4, "--hard-tau-d's threshold for τ² user replies (train_rwml's "
+                                         "--tau-d-user); a tool reply counts when its ROUGE-L is above 0")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -103,11 +109,13 @@ def unit_hash(*parts) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def mark(triple_id: str, hits: int, keep_p: float, seed: int, min_hits: int = 1) -> tuple[bool, bool]:
+def mark(triple_id: str, hits: int, keep_p: float, seed: int, min_hits: int = 1,
+         too_hard: bool = False) -> tuple[bool, bool]:
     """-> (easy, kept). Easy: >= min_hits of the K predictions hit. Easy triples are kept with probability
-    keep_p, all others always. The coin is a hash of (seed, id): every run, rank and resume agrees."""
+    keep_p, too hard ones (--hard-tau-d) never, all others always. The coin is a hash of (seed, id): every run,
+    rank and resume agrees."""
     easy = hits >= min_hits
-    return easy, (not easy) or unit_hash(seed, triple_id) < keep_p
+    return easy, not too_hard and ((not easy) or unit_hash(seed, triple_id) < keep_p)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -322,13 +330,14 @@ def sft(s: Settings, d: common.Dist, triples: list[dict], ckpt_root: Path, log: 
 def score(s: Settings, d: common.Dist, model_path: Path, triples: list[dict], parts: Path,
           log: common.MetricsLogger) -> None:
     """Each rank scores its shard (triples[rank::world]) into parts/rank{r}.jsonl, skipping scored ids."""
-    from rewards import WorldModelReward
+    from rewards import WorldModelReward, binarize
     done, todo = shard_todo(d, triples, parts)
     common.print0(f"scoring {len(triples) - len(done)} triples ({len(done)} already scored) on {d.world} rank(s)")
     if not todo:
         return
     model, tok = common.load_model(str(model_path), dtype=common.compute_dtype(s.precision, d.device), device=d.device)
-    reward = WorldModelReward(s.embedder, tau_d=s.tau_d, tau_d_user=s.tau_d_user, max_tokens=s.reward_max_tokens,
+    # mode "score": each prediction's cosine (snapped ROUGE-L for tool replies), thresholded here and in merge()
+    reward = WorldModelReward(s.embedder, max_tokens=s.reward_max_tokens, mode="score",
                               embed_instruction=s.embed_instruction, device=str(d.device))
     prompt_ids = wm_prompts(tok, todo, s.truncate_prompt_tokens, s.sft_prompt)
     out = parts / f"rank{d.rank}.jsonl"
@@ -342,11 +351,13 @@ def score(s: Settings, d: common.Dist, model_path: Path, triples: list[dict], pa
         ids = prompt_ids[c0:c0 + s.triples_per_chunk]
         samples = common.generate(model, tok, [p for p in ids for _ in range(s.k)], s.max_new_tokens,
                                   s.temperature, batch_size=s.gen_batch_size, generator=gen)
-        # [chunk * K] rewards; a hit is a full reward (binary 1.0, or snapped ROUGE-L 1.0 for τ² tool replies)
-        scores = reward([x.text for x in samples], [t for t in chunk for _ in range(s.k)]).view(len(chunk), s.k)
-        hits = (scores >= 1.0).sum(1).tolist()
+        kinds = [t["next_kind"] for t in chunk for _ in range(s.k)]
+        scores = reward([x.text for x in samples], [t for t in chunk for _ in range(s.k)])   # [chunk * K]
+        # a hit is a full reward at the strict thresholds (binary 1.0, or snapped ROUGE-L 1.0 for τ² tool replies)
+        hits = (binarize(scores, kinds, s.tau_d, s.tau_d_user) >= 1.0).view(len(chunk), s.k).sum(1).tolist()
+        scores = scores.view(len(chunk), s.k)
         best = (scores.argmax(1) + torch.arange(len(chunk)) * s.k).tolist()  # for reading what the filter predicts
-        common.append_jsonl(out, [{"id": t["id"], "easy_hits": h, "scores": sc, "best_prediction": samples[b].text}
+        common.append_jsonl(out, [{"id": t["id"], "easy_hits": h, "similarity": sc, "best_prediction": samples[b].text}
                                   for t, h, sc, b in zip(chunk, hits, scores.tolist(), best)])
         n_scored += len(chunk)
         n_easy += sum(h >= s.min_hits for h in hits)
@@ -358,9 +369,21 @@ def score(s: Settings, d: common.Dist, model_path: Path, triples: list[dict], pa
 
 def fractions(rows: list[dict]) -> dict:
     n = len(rows)
-    easy, kept = sum(r["easy"] for r in rows), sum(r["kept"] for r in rows)
-    return {"triples": n, "easy": easy, "kept": kept, "easy_frac": easy / n if n else 0.0,
-            "kept_frac": kept / n if n else 0.0}
+    easy, hard, kept = (sum(r[key] for r in rows) for key in ("easy", "too_hard", "kept"))
+    return {"triples": n, "easy": easy, "too_hard": hard, "kept": kept, "easy_frac": easy / n if n else 0.0,
+            "too_hard_frac": hard / n if n else 0.0, "kept_frac": kept / n if n else 0.0}
+
+
+def too_hard(s: Settings, row: dict, kind: str, path: Path) -> bool:
+    """--hard-tau-d: none of the triple's K predictions (its scored row) earns a training reward above 0."""
+    from rewards import binarize
+    if not s.hard_tau_d:
+        return False
+    if "similarity" not in row:
+        raise RuntimeError(f"{path}: triple {row['id']!r} was scored without its similarities (by an older "
+                           f"filter.py); --hard-tau-d needs them: delete {path.parent} to score again")
+    sims = torch.tensor(row["similarity"])
+    return not binarize(sims, [kind] * len(sims), s.hard_tau_d, s.hard_tau_d_user).gt(0).any().item()
 
 
 def fractions_by(rows: list[dict], key: str) -> dict:
@@ -369,18 +392,23 @@ def fractions_by(rows: list[dict], key: str) -> dict:
 
 def merge(s: Settings, triples: list[dict], parts: Path, out_dir: Path, model_path: Path) -> dict:
     """filtered.jsonl in the training file's order, and summary.json; -> the summary."""
-    scored = {r["id"]: r for p in sorted(parts.glob("rank*.jsonl")) for r in common.read_jsonl(p)}
+    scored = {r["id"]: (r, p) for p in sorted(parts.glob("rank*.jsonl")) for r in common.read_jsonl(p)}
     rows = []
     for t in triples:
-        if s.k and t["id"] not in scored:
+        if not s.k:   # the rule is off: nothing was scored, every triple is kept
+            rows.append({**t, "easy_hits": 0, "too_hard": False, "easy": False, "kept": True})
+            continue
+        if t["id"] not in scored:
             raise RuntimeError(f"{parts}: triple {t['id']!r} was never scored (a rank died?); rerun to finish it")
-        hits = scored[t["id"]]["easy_hits"] if s.k else 0
-        easy, kept = mark(t["id"], hits, s.keep_p, s.seed, s.min_hits) if s.k else (False, True)
-        rows.append({**t, "easy_hits": hits, "easy": easy, "kept": kept})
+        row, path = scored[t["id"]]
+        hard = too_hard(s, row, t["next_kind"], path)
+        easy, kept = mark(t["id"], row["easy_hits"], s.keep_p, s.seed, s.min_hits, hard)
+        rows.append({**t, "easy_hits": row["easy_hits"], "too_hard": hard, "easy": easy, "kept": kept})
     common.write_jsonl(out_dir / "filtered.jsonl", rows)
     summary = {**fractions(rows), "by_env": fractions_by(rows, "env"), "by_next_kind": fractions_by(rows, "next_kind"),
                "filter_model": str(model_path), "k": s.k, "tau_d": s.tau_d, "tau_d_user": s.tau_d_user,
-               "min_hits": s.min_hits, "keep_p": s.keep_p, "seed": s.seed}
+               "min_hits": s.min_hits, "keep_p": s.keep_p, "hard_tau_d": s.hard_tau_d,
+               "hard_tau_d_user": s.hard_tau_d_user, "seed": s.seed}
     tmp = out_dir / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     tmp.replace(out_dir / "summary.json")

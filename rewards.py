@@ -179,10 +179,16 @@ class WorldModelReward:
                                               pred=preds[i]) + JUDGE_ASK[self.mode]
                 rewards[i] = float(parse(self.judge([{"role": "user", "content": prompt}])))
             return rewards
-        cos = self.similarity([preds[i] for i in idx], [truths[i] for i in idx])
+        rewards[idx] = self.similarity([preds[i] for i in idx], [truths[i] for i in idx])
         if self.mode == "score":
-            rewards[idx] = cos
-        else:
-            tau = torch.tensor([self.tau_d[kinds[i]] for i in idx])
-            rewards[idx] = (1.0 - cos < tau).float()
-        return rewards
+            return rewards
+        return binarize(rewards, kinds, self.tau_d["obs"], self.tau_d["user"])
+
+
+def binarize(scores: torch.Tensor, kinds: list[str], tau_d: float, tau_d_user: float) -> torch.Tensor:
+    """The paper's binary reward from mode "score" rewards [N]: 1 where 1 - cos < tau_d (observations) or
+    tau_d_user (τ² user replies), else 0; tool replies keep their snapped ROUGE-L. filter.py thresholds the same
+    scores twice (its strict tau_d, and the training tau_d for --hard-tau-d)."""
+    tau = torch.tensor([{"obs": tau_d, "user": tau_d_user}.get(kind, 0.0) for kind in kinds])
+    tool = torch.tensor([kind == "tool" for kind in kinds], dtype=torch.bool)
+    return torch.where(tool, scores, (1.0 - scores < tau).float())

@@ -1,6 +1,7 @@
 """filter.py: WM SFT learns, the easy/keep rule, and the filter's output (valid, reproducible, resumable)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,9 @@ STEPS = [
 # The tiny model cannot close a <next_state> block in a few tokens, so every prediction reads "none" (paper:
 # missing tag -> "none"): triples whose true next state is "none" are hit by all K samples, the others by none.
 EASY_IDS = {"t-3", "t-9"}
+# ... and a triple whose next state is "None, none." (MiniLM cosine to "none": 0.84) earns the training reward
+# (tau_d 0.2) but no strict hit (0.1): the only triple that --hard-tau-d 0.2 keeps besides the easy ones
+NEAR_IDS = {"t-5"}
 
 
 def triples(prefix: str, steps=STEPS) -> list[dict]:
@@ -55,7 +59,9 @@ def triples(prefix: str, steps=STEPS) -> list[dict]:
             history = []
         rows.append({"id": f"{prefix}-{n}", "env": "alfworld", "task_id": instr, "instruction": instr,
                      "history": history[-2:], "state": state, "action": action,
-                     "next_state": "none" if f"{prefix}-{n}" in EASY_IDS else nxt, "next_kind": "obs", "meta": {}})
+                     "next_state": "none" if f"{prefix}-{n}" in EASY_IDS else
+                                   "None, none." if f"{prefix}-{n}" in NEAR_IDS else nxt,
+                     "next_kind": "obs", "meta": {}})
         history = history + [{"obs": state, "action": action}]
     return rows
 
@@ -101,6 +107,11 @@ def test_hits_make_easy_and_easy_is_kept_with_probability_p():
 def test_min_hits_threshold():
     assert filt.mark("a", 1, keep_p=0.0, seed=0, min_hits=2) == (False, True)
     assert filt.mark("a", 2, keep_p=0.0, seed=0, min_hits=2) == (True, False)
+
+
+def test_too_hard_is_never_kept():
+    assert all(filt.mark(f"x{i}", 0, keep_p=1.0, seed=0, too_hard=True) == (False, False) for i in range(200))
+    assert all(not filt.mark(f"x{i}", 2, keep_p=1.0, seed=0, too_hard=True)[1] for i in range(200))
 
 
 def test_keep_coin_is_deterministic_per_id_and_seed():
@@ -205,6 +216,28 @@ def test_filtered_jsonl_is_valid(filtered, data):
     assert summary["kept"] == sum(r["kept"] for r in rows) and summary["easy_frac"] == pytest.approx(2 / 12)
     assert summary["by_env"]["alfworld"]["easy"] == 2 and summary["by_next_kind"]["obs"]["triples"] == 12
     assert [r["step"] for r in metrics(filtered, "sft")] == [0, 1]  # 8 val triples, batch 4, 1 epoch
+
+
+def test_hard_tau_d_drops_the_triples_no_prediction_earns_a_reward_for(filtered, data, tmp_path):
+    """--hard-tau-d 0.2 on the scored samples of `filtered`: the easy triples (strict hits) and the near one
+    (reward at 0.2, no strict hit) stay as before; every other triple, all 0 at 0.2, is too hard and dropped."""
+    out = tmp_path / "hard"
+    shutil.copytree(filtered, out)
+    (out / "filtered.jsonl").unlink()
+    summary = filt.main(flags(data, out, "--keep-p", "0.5", "--hard-tau-d", "0.2"))
+    before = {r["id"]: r for r in common.read_jsonl(filtered / "filtered.jsonl")}
+    rows = common.read_jsonl(out / "filtered.jsonl")
+    for r in rows:
+        assert r["too_hard"] == (r["id"] not in EASY_IDS | NEAR_IDS) and not before[r["id"]]["too_hard"]
+        assert (r["easy"], r["kept"]) == ((before[r["id"]]["easy"], before[r["id"]]["kept"]) if not r["too_hard"]
+                                          else (False, False))
+    assert summary["too_hard"] == 9 and summary["kept"] == 1 + sum(before[i]["kept"] for i in EASY_IDS)
+    assert [r["id"] for r in filt.load_triples(out / "filtered.jsonl")] == [r["id"] for r in rows if r["kept"]]
+    # parts scored without the similarities (an older filter.py) cannot say what is too hard: a clear error
+    part = out / "scored" / "rank0.jsonl"
+    common.write_jsonl(part, [{k: v for k, v in r.items() if k != "similarity"} for r in common.read_jsonl(part)])
+    with pytest.raises(RuntimeError, match=r"rank0.jsonl: triple 't-0' was scored without its similarities"):
+        filt.main(flags(data, out, "--keep-p", "0.5", "--hard-tau-d", "0.2"))
 
 
 def test_k_zero_trains_the_filter_model_and_keeps_every_triple_unscored(data, tmp_path):
