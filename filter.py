@@ -351,10 +351,11 @@ def score(s: Settings, d: common.Dist, model_path: Path, triples: list[dict], pa
         ids = prompt_ids[c0:c0 + s.triples_per_chunk]
         samples = common.generate(model, tok, [p for p in ids for _ in range(s.k)], s.max_new_tokens,
                                   s.temperature, batch_size=s.gen_batch_size, generator=gen)
-        kinds = [t["next_kind"] for t in chunk for _ in range(s.k)]
-        scores = reward([x.text for x in samples], [t for t in chunk for _ in range(s.k)])   # [chunk * K]
+        repeated = [t for t in chunk for _ in range(s.k)]   # each triple K times, in the samples' order
+        scores = reward([x.text for x in samples], repeated)   # [chunk * K]
         # a hit is a full reward at the strict thresholds (binary 1.0, or snapped ROUGE-L 1.0 for τ² tool replies)
-        hits = (binarize(scores, kinds, s.tau_d, s.tau_d_user) >= 1.0).view(len(chunk), s.k).sum(1).tolist()
+        hits = (binarize(scores, [t["next_kind"] for t in repeated], s.tau_d, s.tau_d_user) >= 1.0) \
+            .view(len(chunk), s.k).sum(1).tolist()
         scores = scores.view(len(chunk), s.k)
         best = (scores.argmax(1) + torch.arange(len(chunk)) * s.k).tolist()  # for reading what the filter predicts
         common.append_jsonl(out, [{"id": t["id"], "easy_hits": h, "similarity": sc, "best_prediction": samples[b].text}
@@ -376,9 +377,9 @@ def fractions(rows: list[dict]) -> dict:
 
 def too_hard(s: Settings, row: dict, kind: str, path: Path) -> bool:
     """--hard-tau-d: none of the triple's K predictions (its scored row) earns a training reward above 0."""
-    from rewards import binarize
     if not s.hard_tau_d:
         return False
+    from rewards import binarize   # only with the rule on: a resumed merge need not load the embedder's stack
     if "similarity" not in row:
         raise RuntimeError(f"{path}: triple {row['id']!r} was scored without its similarities (by an older "
                            f"filter.py); --hard-tau-d needs them: delete {path.parent} to score again")
